@@ -1,0 +1,169 @@
+"""Device names, the devices this machine has, and how much memory each has free.
+
+Devices are named by strings: ``"cuda:N"``, ``"mps"``, ``"cpu"`` and ``"disk"``.
+Accelerators come first in every ordering, by index, then CPU, then disk.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import psutil
+import torch
+
+from .errors import DeviceMapError, DeviceNotFoundError
+from .units import format_size, parse_size
+
+DeviceLike = int | str | torch.device
+OFFLOAD_DEVICES = ("cpu", "disk")
+
+
+def normalize_device(device: DeviceLike) -> str:
+    """Return the canonical name of a device: an int N, "cuda", "cuda:N", torch.device, "mps", "cpu", "disk".
+
+    >>> normalize_device(1)
+    'cuda:1'
+    """
+    if isinstance(device, bool):
+        raise DeviceMapError(f"device {device!r} is not a device; use an int GPU index or a name")
+    if isinstance(device, int):
+        if device < 0:
+            raise DeviceMapError(f"device {device} is negative; GPU indices start at 0")
+        return f"cuda:{device}"
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise DeviceMapError(
+            f"device {device!r} is not understood; use an int, 'cuda:N', 'mps', 'cpu' or 'disk'"
+        )
+    name = device.strip().lower()
+    if name.isdigit():
+        return f"cuda:{int(name)}"
+    if name in ("cuda", "cuda:0"):
+        return "cuda:0"
+    if name.startswith("cuda:") and name[5:].isdigit():
+        return f"cuda:{int(name[5:])}"
+    if name in ("mps", "mps:0"):
+        return "mps"
+    if name in ("cpu", "disk", "meta"):
+        return name
+    raise DeviceMapError(
+        f"device {device!r} is not understood; use an int, 'cuda:N', 'mps', 'cpu' or 'disk'"
+    )
+
+
+def is_accelerator(device: str) -> bool:
+    """True for GPUs ("cuda:N") and Apple's "mps"."""
+    return device.startswith("cuda:") or device == "mps"
+
+
+def device_order(device: str) -> tuple[int, int]:
+    """Sort key: accelerators by index, then CPU, then disk."""
+    if device.startswith("cuda:"):
+        return (0, int(device[5:]))
+    return {"mps": (1, 0), "cpu": (2, 0), "disk": (3, 0)}.get(device, (4, 0))
+
+
+def available_devices() -> list[str]:
+    """The devices this process can use, as CUDA_VISIBLE_DEVICES leaves them, in device order."""
+    found = [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if not found and torch.backends.mps.is_available():
+        found.append("mps")
+    return found + ["cpu", "disk"]
+
+
+def free_memory(device: str, offload_folder: str | os.PathLike | None = None) -> int:
+    """Bytes free on a device now: GPU free memory, available RAM, or free space for disk offload.
+
+    >>> free_memory("cpu") > 0
+    True
+    """
+    if device.startswith("cuda:"):
+        free, _total = torch.cuda.mem_get_info(int(device[5:]))
+        return free
+    if device == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    if device == "cpu":
+        return psutil.virtual_memory().available
+    if device == "disk":
+        return shutil.disk_usage(_existing_parent(offload_folder or Path.cwd())).free
+    raise DeviceMapError(f"device {device!r} has no memory to measure")
+
+
+def _existing_parent(path: str | os.PathLike) -> Path:
+    path = Path(path).expanduser().absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def parse_max_memory(max_memory: dict[DeviceLike, int | str] | str | None) -> dict[str, int]:
+    """Parse budgets given as a dict or as the CLI's "0=24GiB,cpu=64GiB" into bytes per device.
+
+    >>> parse_max_memory("0=1GiB,cpu=500MB")
+    {'cuda:0': 1073741824, 'cpu': 500000000}
+    """
+    if max_memory is None:
+        return {}
+    if isinstance(max_memory, str):
+        max_memory = dict(_split_assignment(part) for part in max_memory.split(",") if part.strip())
+    budgets = {}
+    for device, size in max_memory.items():
+        name = normalize_device(device)
+        if name == "meta":
+            raise DeviceMapError("'meta' holds no data and cannot have a budget; name a real device")
+        budgets[name] = parse_size(size)
+    return budgets
+
+
+def _split_assignment(part: str) -> tuple[str, str]:
+    device, sep, size = part.partition("=")
+    if not sep or not device.strip() or not size.strip():
+        raise DeviceMapError(
+            f"max_memory entry {part.strip()!r} is not DEVICE=SIZE; write e.g. '0=24GiB,cpu=64GiB'"
+        )
+    return device.strip(), size.strip()
+
+
+def planning_budgets(
+    max_memory: dict[DeviceLike, int | str] | str | None = None,
+    offload_folder: str | os.PathLike | None = None,
+) -> dict[str, int]:
+    """Budgets for planning: this machine's free memory, overridden by ``max_memory``.
+
+    Devices named in ``max_memory`` need not exist here, so a plan for a machine one
+    does not have can be made on a laptop.
+
+    >>> planning_budgets({0: "80GiB"})["cuda:0"]
+    85899345920
+    """
+    budgets = {device: free_memory(device, offload_folder) for device in available_devices()}
+    budgets.update(parse_max_memory(max_memory))
+    return dict(sorted(budgets.items(), key=lambda item: device_order(item[0])))
+
+
+def loading_budgets(
+    max_memory: dict[DeviceLike, int | str] | str | None = None,
+    offload_folder: str | os.PathLike | None = None,
+) -> dict[str, int]:
+    """Budgets for loading: like :func:`planning_budgets`, but every device must exist here."""
+    budgets = planning_budgets(max_memory, offload_folder)
+    check_devices_exist(budgets)
+    return budgets
+
+
+def check_devices_exist(devices) -> None:
+    """Raise DeviceNotFoundError naming every device in ``devices`` that this machine lacks."""
+    present = set(available_devices())
+    missing = sorted(set(devices) - present, key=device_order)
+    if missing:
+        raise DeviceNotFoundError(
+            f"device(s) {', '.join(missing)} do not exist on this machine, which has "
+            f"{', '.join(available_devices())}; remove them from max_memory or the device map "
+            "(devicemap plan accepts hypothetical devices, loading does not)"
+        )
+
+
+def describe_budgets(budgets: dict[str, int]) -> str:
+    """One line for messages: "cuda:0 24.0 GiB, cpu 64.0 GiB"."""
+    return ", ".join(f"{device} {format_size(size)}" for device, size in budgets.items())

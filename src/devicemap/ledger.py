@@ -1,0 +1,159 @@
+"""What each device must hold for a placement: weights, buffers and the workload's reserves.
+
+One accounting, used both by the planner while it searches and by a finished Plan's
+ledger, so that what is planned and what is reported can never disagree.
+"""
+
+from dataclasses import dataclass
+
+from .profile import Block, Profile
+from .workload import Workload, dtype_bytes
+
+LOGITS_BYTES_PER_VALUE = 4  # generate keeps the last position's logits in float32
+LOGITS_COPIES = 2  # the logits and the processed scores are alive together
+STREAM_COPIES = 2  # the block computing now and the next one being fetched
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A block priced for one workload, with the tied blocks that must follow it."""
+
+    blocks: tuple[Block, ...]
+    weight_bytes: int
+    buffer_bytes: int
+    kv_bytes_per_token: float
+    fixed_kv_bytes: int
+    activation_bytes: int
+    logits_bytes: int
+
+    @property
+    def name(self) -> str:
+        return self.blocks[0].name
+
+
+def price_units(profile: Profile, workload: Workload) -> list[Unit]:
+    """The profile's blocks as units in execution order; tied followers join their leader.
+
+    ``workload`` must be resolved (no ``None`` fields).
+    """
+    kv_value_bytes = dtype_bytes(workload.kv_dtype)
+    followers = _followers_by_leader(profile)
+    following = {name for group in followers.values() for name in group}
+    by_name = {block.name: block for block in profile.blocks}
+    units = []
+    for block in profile.blocks:
+        if block.name in following:
+            continue
+        members = (block, *(by_name[name] for name in followers.get(block.name, ())))
+        units.append(_price(members, profile, workload, kv_value_bytes))
+    return units
+
+
+def _followers_by_leader(profile: Profile) -> dict[str, tuple[str, ...]]:
+    order = {block.name: index for index, block in enumerate(profile.blocks)}
+    followers: dict[str, tuple[str, ...]] = {}
+    for group in profile.tied:
+        leader, *rest = sorted(group, key=order.__getitem__)
+        followers[leader] = followers.get(leader, ()) + tuple(rest)
+    return followers
+
+
+def _price(members: tuple[Block, ...], profile: Profile, workload: Workload, kv_value_bytes: int) -> Unit:
+    tokens = workload.max_tokens
+    kv_rate = 0.0
+    for block in members:
+        cached_share = 1.0 if block.kv_window is None else min(1.0, block.kv_window / tokens)
+        kv_rate += block.kv_values_per_token * kv_value_bytes * cached_share
+    has_head = any(block.name == profile.head for block in members)
+    return Unit(
+        blocks=members,
+        weight_bytes=sum(block.weight_bytes for block in members),
+        buffer_bytes=sum(block.buffer_bytes for block in members),
+        kv_bytes_per_token=kv_rate,
+        fixed_kv_bytes=sum(block.state_values for block in members) * kv_value_bytes * workload.batch_size,
+        activation_bytes=max(block.activation_bytes_per_token for block in members)
+        * workload.batch_size
+        * tokens,
+        logits_bytes=(
+            workload.batch_size * profile.vocab_size * LOGITS_BYTES_PER_VALUE * LOGITS_COPIES if has_head else 0
+        ),
+    )
+
+
+class DeviceLoad:
+    """Running totals for one device as units are stored on it or executed on it."""
+
+    def __init__(self, budget_bytes: int, tokens: int):
+        self.budget_bytes = budget_bytes
+        self.tokens = tokens
+        self.units = 0
+        self.weight_bytes = 0
+        self.buffer_bytes = 0
+        self.kv_bytes_per_token = 0.0
+        self.fixed_kv_bytes = 0
+        self.activation_bytes = 0
+        self.stream_bytes = 0
+
+    def store(self, unit: Unit) -> None:
+        """Keep the unit's weights here."""
+        self.weight_bytes += unit.weight_bytes
+
+    def execute(self, unit: Unit) -> None:
+        """Compute the unit here: its buffers, KV cache and transient activations live here."""
+        self.units += 1
+        self.buffer_bytes += unit.buffer_bytes
+        self.kv_bytes_per_token += unit.kv_bytes_per_token
+        self.fixed_kv_bytes += unit.fixed_kv_bytes
+        self.activation_bytes = max(self.activation_bytes, unit.activation_bytes + unit.logits_bytes)
+
+    def stream(self, unit: Unit) -> None:
+        """Make room to bring the unit's weights here from elsewhere, one computing and one arriving."""
+        self.stream_bytes = max(self.stream_bytes, unit.weight_bytes * STREAM_COPIES)
+
+    def would_fit(self, unit: Unit, tokens: float, share: float = 1.0) -> bool:
+        """Whether storing and executing one more unit here stays within the budget."""
+        fixed = (
+            self.fixed_bytes()
+            - self.activation_bytes
+            + max(self.activation_bytes, unit.activation_bytes + unit.logits_bytes)
+            + unit.weight_bytes
+            + unit.buffer_bytes
+            + unit.fixed_kv_bytes
+        )
+        return fixed + (self.kv_bytes_per_token + unit.kv_bytes_per_token) * tokens <= self.budget_bytes * share
+
+    def fixed_bytes(self) -> int:
+        """Everything that does not grow with the number of cached tokens."""
+        return self.weight_bytes + self.buffer_bytes + self.fixed_kv_bytes + self.activation_bytes + self.stream_bytes
+
+    def kv_bytes(self) -> int:
+        return round(self.kv_bytes_per_token * self.tokens) + self.fixed_kv_bytes
+
+    def used_bytes(self, tokens: float | None = None) -> float:
+        """Bytes needed when ``tokens`` batch×tokens are cached (default: the workload's)."""
+        tokens = self.tokens if tokens is None else tokens
+        return self.fixed_bytes() + self.kv_bytes_per_token * tokens
+
+    def fits(self, tokens: float | None = None, share: float = 1.0) -> bool:
+        return self.used_bytes(tokens) <= self.budget_bytes * share
+
+    def token_capacity(self) -> float:
+        """Batch×tokens of KV cache that fit beside everything else (inf when nothing is cached)."""
+        room = self.budget_bytes - self.fixed_bytes()
+        if self.kv_bytes_per_token == 0:
+            return float("inf") if room >= 0 else 0.0
+        return max(room, 0) / self.kv_bytes_per_token
+
+
+def assign(loads: dict[str, DeviceLoad], unit: Unit, device: str, execution_device: str) -> None:
+    """Charge a unit kept on ``device`` and computed on ``execution_device`` to the loads.
+
+    Weights streamed from disk to an accelerator pass through pinned host buffers, so the
+    CPU keeps room for them too.
+    """
+    loads[device].store(unit)
+    loads[execution_device].execute(unit)
+    if device != execution_device:
+        loads[execution_device].stream(unit)
+    if device == "disk" and execution_device != "cpu" and "cpu" in loads:
+        loads["cpu"].stream(unit)

@@ -1,0 +1,171 @@
+"""The safetensors file format: read a header with every check, write a file.
+
+A file is an 8-byte little-endian header length, a JSON header naming each tensor's
+dtype, shape and byte range, then the tensors' bytes. Reading checks the header
+against the file's size before any tensor is touched; writing streams one tensor
+at a time, so it needs no second copy of them in memory.
+"""
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+# safetensors itself refuses headers above 100 MB; a larger length means a corrupt file.
+_MAX_HEADER_BYTES = 100 * 2**20
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor of a checkpoint lives.
+
+    ``start_byte`` and ``end_byte`` are absolute positions in ``file`` of the tensor's
+    data (safetensors only; ``None`` for pickle checkpoints, whose layout torch owns).
+    """
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start_byte: int | None = None
+    end_byte: int | None = None
+
+    @property
+    def size_bytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.shape)
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Describe the tensors of one safetensors file, in data order, checking it is whole.
+
+    The file's size is checked against every offset the header declares before any
+    tensor is read, so a truncated download is an error here, not a crash later.
+
+    >>> read_safetensors_header(Path("model.safetensors"))["lm_head.weight"].shape
+    (49152, 576)
+    """
+    file_bytes = path.stat().st_size
+    if file_bytes < 8:
+        raise _corrupt(path, f"it has {file_bytes} bytes, fewer than the 8-byte header length")
+    with path.open("rb") as stream:
+        header_bytes = int.from_bytes(stream.read(8), "little")
+        if header_bytes > min(file_bytes - 8, _MAX_HEADER_BYTES):
+            raise _corrupt(
+                path, f"its header claims {header_bytes} bytes but the file has {file_bytes} bytes in all"
+            )
+        raw_header = stream.read(header_bytes)
+    try:
+        header = json.loads(raw_header)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _corrupt(path, f"its header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    data_start = 8 + header_bytes
+    tensors = [
+        _parse_entry(path, name, entry, data_start)
+        for name, entry in header.items()
+        if name != "__metadata__"
+    ]
+    _require_data_within(path, tensors, file_bytes)
+    return {info.name: info for info in sorted(tensors, key=lambda info: info.start_byte)}
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    try:
+        dtype = _DTYPES[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        start, end = entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise _corrupt(path, f"tensor {name!r} has an invalid header entry {entry!r}") from None
+    if not all(isinstance(size, int) and size >= 0 for size in (*shape, start, end)):
+        raise _corrupt(path, f"tensor {name!r} has an invalid shape or offsets: {entry!r}")
+    info = TensorInfo(name, path, dtype, shape, data_start + start, data_start + end)
+    if end - start != info.size_bytes:
+        raise _corrupt(
+            path,
+            f"tensor {name!r} spans {end - start} bytes but {dtype} {list(shape)} needs {info.size_bytes}",
+        )
+    return info
+
+
+def _require_data_within(path: Path, tensors: list[TensorInfo], file_bytes: int) -> None:
+    if not tensors:
+        return
+    last = max(tensors, key=lambda info: info.end_byte)
+    if last.end_byte > file_bytes:
+        raise _corrupt(
+            path,
+            f"its header says tensor {last.name!r} ends at byte {last.end_byte} but the file has only "
+            f"{file_bytes} bytes ({last.end_byte - file_bytes} missing): it is truncated",
+        )
+
+
+def _corrupt(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"safetensors file {path} is corrupt or truncated: {reason}. Download or copy the file again"
+    )
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
+    """Write ``tensors`` to the safetensors file ``path`` and return its size in bytes.
+
+    Wider dtypes come first in the file, so every tensor's data starts at a multiple
+    of its element size and can be memory-mapped as it is.
+
+    >>> write_safetensors(Path("block.safetensors"), {"weight": torch.ones(2, 2)})
+    120
+    """
+    ordered = sorted(tensors.items(), key=lambda item: -item[1].dtype.itemsize)
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset_bytes = 0
+    for name, tensor in ordered:
+        size_bytes = tensor.numel() * tensor.dtype.itemsize
+        header[name] = {
+            "dtype": _dtype_name(name, tensor),
+            "shape": list(tensor.shape),
+            "data_offsets": [offset_bytes, offset_bytes + size_bytes],
+        }
+        offset_bytes += size_bytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    # Padding the header to 8 bytes keeps the data 8-byte aligned in the file.
+    encoded += b" " * (-len(encoded) % 8)
+    with path.open("wb") as stream:
+        stream.write(len(encoded).to_bytes(8, "little"))
+        stream.write(encoded)
+        for _, tensor in ordered:
+            stream.write(_as_bytes(tensor))
+    return 8 + len(encoded) + offset_bytes
+
+
+def _dtype_name(name: str, tensor: torch.Tensor) -> str:
+    if tensor.dtype not in DTYPE_NAMES:
+        raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+    return DTYPE_NAMES[tensor.dtype]
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())

@@ -1,0 +1,78 @@
+"""How much transient memory a forward pass over one block needs, per token.
+
+Read off the block's own projections, so it works for any module:
+
+- the block's input stays alive for the residual connection while a normalised copy
+  feeds the sublayer: ``2 × hidden``;
+- the projections one module owns run close together and their outputs can be alive at
+  once (q, k and v; gate and up), and the elementwise step that combines them (rotary
+  embedding, ``act(gate) * up``, a bias or upcast) allocates one more tensor as wide as
+  the widest: ``sum(widths) + max(widths)`` for that module;
+- stacked expert weights (3-D parameters, one slice per expert) do the same for each of
+  the ``num_experts_per_tok`` routed copies of a token;
+- attention scores are not counted: SDPA and flash kernels never materialise them.
+
+So a block needs ``2 × hidden + max over its modules`` values per token. A Llama-3-8B
+layer peaks in its MLP: ``2·4096 + (14336 + 14336 + 4096) + 14336`` values per token.
+The output head's logits are left out: the planner sizes them from the vocabulary,
+knowing whether every position's logits are kept.
+"""
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+def activation_values_per_token(
+    block: nn.Module, hidden_size: int, experts_per_token: int, head: nn.Module | None = None
+) -> int:
+    """Values alive at the peak of a forward over ``block``, per token; 0 for blocks that project nothing.
+
+    >>> activation_values_per_token(nn.Linear(64, 256), hidden_size=64, experts_per_token=1)
+    640
+    """
+    hidden = hidden_size or _first_input_width(block)
+    # A block that is itself a projection (an embedding) is a group of one.
+    groups = [[block], *(list(module.children()) for module in block.modules())]
+    peaks = [_peak([_output_width(module) for module in group if module is not head]) for group in groups]
+    peaks += [experts_per_token * _peak(_expert_widths(module, hidden)) for module in block.modules()]
+    if not any(peaks):
+        return 0
+    return 2 * hidden + max(peaks)
+
+
+def _peak(widths: list[int]) -> int:
+    widths = [width for width in widths if width]
+    return sum(widths) + max(widths) if widths else 0
+
+
+def _expert_widths(module: nn.Module, hidden: int) -> list[int]:
+    return [_expert_width(tuple(p.shape[1:]), hidden) for p in module.parameters(recurse=False) if p.dim() == 3]
+
+
+def _output_width(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    if isinstance(module, Conv1D):
+        return module.nf
+    return 0
+
+
+def _expert_width(shape: tuple[int, int], hidden: int) -> int:
+    """The expert-side width of a stacked expert weight, whichever way round it is stored."""
+    rows, columns = shape
+    if columns == hidden:
+        return rows
+    if rows == hidden:
+        return columns
+    return min(rows, columns)
+
+
+def _first_input_width(block: nn.Module) -> int:
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            return module.in_features
+        if isinstance(module, Conv1D):
+            return module.weight.shape[0]
+    return 0

@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
@@ -139,7 +140,7 @@ class Plan:
         else:
             lines.append(
                 f"fits {self.sequences_that_fit:.1f} × {workload.max_tokens}-token sequences "
-                f"({capacity:,.0f} batch × tokens of KV cache)"
+                f"({math.floor(capacity):,} batch × tokens of KV cache)"
             )
         return lines + [f"- {reason}" for reason in self.reasons]
 

@@ -9,6 +9,7 @@ whenever one exists, so a binary search over the KV tokens finds the best split 
 """
 
 import copy
+import math
 from collections.abc import Callable, Mapping
 
 from .devices import device_order, is_accelerator, normalize_device
@@ -54,7 +55,7 @@ def make_plan(
         strategy = device_map.strip().lower()
         placements, reasons = _plan_strategy(profile, budgets, workload, strategy, offload)
         return _finish(profile, workload, budgets, strategy, placements, reasons, offload)
-    device = normalize_device(device_map)
+    device = _single_device(device_map)
     placements, reasons = _plan_single(profile, budgets, workload, device)
     return _finish(profile, workload, budgets, device, placements, reasons, offload)
 
@@ -193,8 +194,11 @@ def _balance(units, devices, make_load: LoadFactory, tokens: int) -> tuple[Group
     """The contiguous split that lets the most batch×tokens of KV cache fit, and that amount.
 
     With nothing cached per token, the split that leaves the fullest device least full.
+    Offloaded units already charged to a device cache per token there too, so they count.
     """
-    rate = sum(unit.kv_bytes_per_token for unit in units)
+    rate = sum(unit.kv_bytes_per_token for unit in units) + sum(
+        make_load(device).kv_bytes_per_token for device in devices
+    )
     if rate == 0:
         return _balance_shares(units, devices, make_load, tokens), float("inf")
     low = tokens
@@ -239,6 +243,16 @@ def _placements(groups: Groups, devices, offloaded, execution_device) -> list[Pl
     ]
     placements += [Placement(block.name, tier, execution_device) for unit, tier in offloaded for block in unit.blocks]
     return placements
+
+
+def _single_device(device_map) -> str:
+    try:
+        return normalize_device(device_map)
+    except DeviceMapError:
+        raise DeviceMapError(
+            f"device_map {device_map!r} is not understood; use a strategy ({', '.join(STRATEGIES)}), "
+            "a dict of module names to devices, or one device (an int, 'cuda:N', 'mps' or 'cpu')"
+        ) from None
 
 
 def _plan_single(profile, budgets, workload, device):
@@ -318,8 +332,9 @@ def _offload_reasons(units, cut, offloaded, compute) -> list[str]:
         return []
     tiers = sorted({tier for _, tier in offloaded}, key=device_order)
     offloaded_bytes = sum(unit.weight_bytes for unit, _ in offloaded)
+    verb = "holds" if len(compute) == 1 else "hold"
     return [
-        f"{', '.join(compute)} hold {cut} of {len(units)} blocks with the workload's reserves; the last "
+        f"{', '.join(compute)} {verb} {cut} of {len(units)} blocks with the workload's reserves; the last "
         f"{len(offloaded)} ({format_size(offloaded_bytes)}) are kept on {' then '.join(tiers)} and "
         f"execute on {compute[-1]}"
     ]
@@ -335,4 +350,4 @@ def _balanced_reason(strategy, compute, capacity, workload) -> str:
 def _capacity_reason(capacity: float, tokens: int) -> str:
     if capacity == float("inf"):
         return "nothing is cached per token, so the split evens out how full each device is"
-    return f"{capacity:,.0f} batch×tokens of KV cache fit ({capacity / tokens:.2f}× the workload)"
+    return f"{math.floor(capacity):,} batch×tokens of KV cache fit ({capacity / tokens:.2f}× the workload)"

@@ -1,0 +1,144 @@
+"""Every contiguous split of a small model, priced from the definitions, to check the planner.
+
+The device accounting here is written again from the design, not taken from
+``devicemap.ledger.DeviceLoad``: a device that computes some units holds their buffers,
+fixed state, KV cache and the largest of their activations (logits included); it keeps
+the weights of the units stored on it; and a device computing units stored elsewhere keeps
+room to stream twice the largest of them. The per-unit prices come from
+``ledger.price_units``, which test_planner checks against hand-computed numbers.
+
+Placement rule enumerated (the design's): a leading run of units is resident, one
+contiguous (possibly empty) group per compute device in order; the remaining suffix is
+offloaded, a leading part of it to CPU and the rest to disk, all executing on the last
+compute device; CPU keeps room to stage twice the largest disk-bound unit.
+"""
+
+import math
+from dataclasses import dataclass
+from itertools import combinations_with_replacement
+
+from devicemap.devices import is_accelerator
+from devicemap.ledger import Unit
+
+Groups = tuple[tuple[Unit, ...], ...]
+
+
+@dataclass(frozen=True)
+class Split:
+    """One feasible placement: groups per compute device, and the offloaded suffix."""
+
+    groups: Groups
+    offloaded: tuple[Unit, ...]
+    capacity: float
+    max_share: float
+
+
+@dataclass(frozen=True)
+class Optimum:
+    """All feasible splits that keep the most units resident."""
+
+    compute: tuple[str, ...]
+    resident: int
+    splits: tuple[Split, ...]
+
+    @property
+    def best_capacity(self) -> float:
+        return max(split.capacity for split in self.splits)
+
+    @property
+    def best_max_share(self) -> float:
+        return min(split.max_share for split in self.splits)
+
+    @property
+    def fewest_on_first(self) -> int:
+        return min(len(split.groups[0]) for split in self.splits)
+
+
+def compute_devices(budgets: dict[str, int]) -> tuple[str, ...]:
+    accelerators = tuple(device for device in budgets if is_accelerator(device))
+    return accelerators or ("cpu",)
+
+
+def offload_tiers(budgets: dict[str, int], offload: bool) -> tuple[str, ...]:
+    compute = compute_devices(budgets)
+    return tuple(t for t in ("cpu", "disk") if offload and t in budgets and t not in compute)
+
+
+def solve(units: list[Unit], budgets: dict[str, int], tokens: int, offload: bool = True) -> Optimum | None:
+    """The feasible splits with the longest resident run, or None if nothing fits."""
+    compute = compute_devices(budgets)
+    tiers = offload_tiers(budgets, offload)
+    for resident in range(len(units), -1, -1):
+        offloaded = tuple(units[resident:])
+        if offloaded and not tiers_can_store(offloaded, tiers, budgets):
+            continue
+        splits = tuple(
+            split
+            for groups in contiguous_groups(units[:resident], len(compute))
+            if (split := price_split(groups, offloaded, compute, budgets, tokens)) is not None
+        )
+        if splits:
+            return Optimum(compute, resident, splits)
+    return None
+
+
+def solve_on_accelerators(units: list[Unit], budgets: dict[str, int], tokens: int) -> Optimum | None:
+    """The feasible splits that keep every unit on the compute devices."""
+    found = solve(units, budgets, tokens, offload=False)
+    return found if found is not None and found.resident == len(units) else None
+
+
+def contiguous_groups(units, parts: int):
+    """Every way to cut ``units`` into ``parts`` ordered runs, empty runs allowed."""
+    for cuts in combinations_with_replacement(range(len(units) + 1), parts - 1):
+        bounds = (0, *cuts, len(units))
+        yield tuple(tuple(units[bounds[i] : bounds[i + 1]]) for i in range(parts))
+
+
+def tiers_can_store(offloaded: tuple[Unit, ...], tiers: tuple[str, ...], budgets: dict[str, int]) -> bool:
+    if not tiers:
+        return False
+    if tiers == ("disk",):
+        return total_weight(offloaded) <= budgets["disk"]
+    if tiers == ("cpu",):
+        return total_weight(offloaded) <= budgets["cpu"]
+    return any(
+        total_weight(offloaded[:on_cpu]) + stream_room(offloaded[on_cpu:]) <= budgets["cpu"]
+        and total_weight(offloaded[on_cpu:]) <= budgets["disk"]
+        for on_cpu in range(len(offloaded) + 1)
+    )
+
+
+def price_split(groups: Groups, offloaded, compute, budgets, tokens) -> Split | None:
+    capacities, shares = [], []
+    for index, (device, group) in enumerate(zip(compute, groups)):
+        streamed = offloaded if index == len(compute) - 1 else ()
+        fixed = fixed_bytes(group, group + streamed, streamed)
+        rate = kv_rate(group + streamed)
+        if fixed + rate * tokens > budgets[device]:
+            return None
+        shares.append((fixed + rate * tokens) / budgets[device])
+        if group or streamed:
+            capacities.append(math.inf if rate == 0 else (budgets[device] - fixed) / rate)
+    return Split(groups, offloaded, min(capacities, default=math.inf), max(shares))
+
+
+def fixed_bytes(stored, executed, streamed) -> int:
+    return (
+        total_weight(stored)
+        + sum(unit.buffer_bytes + unit.fixed_kv_bytes for unit in executed)
+        + max((unit.activation_bytes + unit.logits_bytes for unit in executed), default=0)
+        + stream_room(streamed)
+    )
+
+
+def kv_rate(executed) -> float:
+    return sum(unit.kv_bytes_per_token for unit in executed)
+
+
+def total_weight(units) -> int:
+    return sum(unit.weight_bytes for unit in units)
+
+
+def stream_room(units) -> int:
+    return 2 * max((unit.weight_bytes for unit in units), default=0)

@@ -1,0 +1,259 @@
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from brute_force import compute_devices, price_split, solve, solve_on_accelerators, stream_room
+from devicemap.devices import is_accelerator
+from devicemap.errors import DeviceMapError, DoesNotFitError
+from devicemap.ledger import price_units
+from devicemap.planner import STRATEGIES, make_plan
+from devicemap.profile import Block, Profile
+from devicemap.workload import Workload
+from synthetic import cases
+
+GiB = 2**30
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def plan_or_none(case, strategy, offload=True):
+    try:
+        return make_plan(case.profile, case.budgets, case.workload, strategy, offload)
+    except DoesNotFitError:
+        return None
+
+
+def unit_devices(plan) -> list[str]:
+    """The device holding each unit, in execution order."""
+    where = {p.block: p.device for p in plan.placements}
+    return [where[unit.name] for unit in price_units(plan.profile, plan.workload)]
+
+
+def resident_groups(plan) -> list[int]:
+    """How many units each compute device holds, in device order."""
+    devices = unit_devices(plan)
+    return [devices.count(device) for device in compute_devices(dict(plan.budgets))]
+
+
+def layers(count: int, weight_bytes: int = 100, kv_values: int = 8) -> Profile:
+    blocks = tuple(
+        Block(f"model.layers.{i}", weight_bytes, kv_values_per_token=kv_values, activation_bytes_per_token=4)
+        for i in range(count)
+    )
+    return Profile("layers", "float32", blocks, max_context=1024)
+
+
+# The unit prices everything else rests on, computed by hand.
+
+
+def test_units_price_weights_kv_state_activations_and_logits_for_the_workload():
+    blocks = (
+        Block("embed", 1000, buffer_bytes=10, activation_bytes_per_token=3),
+        Block("layer", 500, kv_values_per_token=6, kv_window=4, state_values=5, activation_bytes_per_token=7),
+        Block("head", 0),
+    )
+    profile = Profile("toy", "float32", blocks, tied=(("embed", "head"),), head="head", vocab_size=100)
+    embed_and_head, layer = price_units(profile, Workload(batch_size=2, max_tokens=16, kv_dtype="bfloat16"))
+    assert [b.name for b in embed_and_head.blocks] == ["embed", "head"]
+    assert (embed_and_head.weight_bytes, embed_and_head.buffer_bytes) == (1000, 10)
+    assert embed_and_head.activation_bytes == 3 * 2 * 16
+    assert embed_and_head.logits_bytes == 2 * 100 * 4 * 2  # batch × vocab × float32 × (logits, scores)
+    assert layer.kv_bytes_per_token == 6 * 2 * (4 / 16)  # values × bf16 bytes × the window's share
+    assert layer.fixed_kv_bytes == 5 * 2 * 2  # state values × bf16 bytes × batch
+    assert layer.activation_bytes == 7 * 2 * 16
+
+
+# Against a brute force over every contiguous split.
+
+
+@SETTINGS
+@given(cases(), st.sampled_from(["auto", "balanced"]))
+def test_balanced_and_auto_fit_as_many_kv_tokens_as_the_best_contiguous_split(case, strategy):
+    best = solve(case.units, case.budgets, case.tokens)
+    plan = plan_or_none(case, strategy)
+    assert (plan is None) == (best is None)
+    if best is None:
+        return
+    assert sum(resident_groups(plan)) == best.resident
+    if math.isinf(best.best_capacity):
+        assert math.isinf(plan.kv_token_capacity)
+        assert plan_max_share(plan) <= best.best_max_share + 1e-9
+    else:
+        # An integer search over tokens: the plan is within one token of the real optimum.
+        assert best.best_capacity - 1 < plan.kv_token_capacity <= best.best_capacity + 1e-6
+
+
+def plan_max_share(plan) -> float:
+    return max(row.used_bytes / row.budget_bytes for row in plan.ledger if is_accelerator(row.device))
+
+
+@SETTINGS
+@given(cases(), st.sampled_from(STRATEGIES))
+def test_every_strategy_fails_exactly_when_no_contiguous_split_fits(case, strategy):
+    best = solve(case.units, case.budgets, case.tokens)
+    assert (plan_or_none(case, strategy) is None) == (best is None)
+
+
+@SETTINGS
+@given(cases(gpus=st.just(0), disk=st.booleans()), st.sampled_from(STRATEGIES))
+def test_without_accelerators_the_cpu_computes_and_disk_holds_the_rest(case, strategy):
+    best = solve(case.units, case.budgets, case.tokens)
+    plan = plan_or_none(case, strategy)
+    assert (plan is None) == (best is None)
+    if plan is not None:
+        assert {p.execution_device for p in plan.placements} == {"cpu"}
+        assert unit_devices(plan).count("cpu") == best.resident
+
+
+@SETTINGS
+@given(cases(), st.sampled_from(STRATEGIES))
+def test_no_device_goes_over_its_budget_with_its_reserves(case, strategy):
+    plan = plan_or_none(case, strategy)
+    if plan is not None:
+        for row in plan.ledger:
+            assert row.used_bytes <= row.budget_bytes, row
+
+
+@SETTINGS
+@given(cases(), st.sampled_from(STRATEGIES))
+def test_each_device_holds_one_contiguous_run_in_execution_order_and_ties_stay_together(case, strategy):
+    plan = plan_or_none(case, strategy)
+    if plan is None:
+        return
+    order = [*compute_devices(dict(plan.budgets)), "cpu", "disk"]
+    ranks = [order.index(device) for device in unit_devices(plan)]
+    assert ranks == sorted(ranks)
+    where = {p.block: p.device for p in plan.placements}
+    for group in plan.profile.tied:
+        assert len({where[name] for name in group}) == 1
+
+
+@SETTINGS
+@given(cases(gpus=st.integers(2, 4)))
+def test_balanced_low_0_puts_the_fewest_blocks_on_gpu_0_that_let_the_rest_fit(case):
+    on_accelerators = solve_on_accelerators(case.units, case.budgets, case.tokens)
+    plan = plan_or_none(case, "balanced_low_0")
+    if on_accelerators is not None:
+        assert resident_groups(plan)[0] == on_accelerators.fewest_on_first
+
+
+@SETTINGS
+@given(cases(), st.sampled_from(["auto", "balanced_low_0", "balanced", "sequential"]))
+def test_nothing_spills_to_cpu_or_disk_while_the_accelerators_have_room(case, strategy):
+    plan = plan_or_none(case, strategy)
+    if solve_on_accelerators(case.units, case.budgets, case.tokens) is not None:
+        assert plan.offloaded() == ()
+
+
+@SETTINGS
+@given(cases())
+def test_sequential_fills_each_device_until_the_next_block_would_not_fit(case):
+    plan = plan_or_none(case, "sequential")
+    if plan is None:
+        return
+    units, counts = case.units, resident_groups(plan)
+    start = 0
+    for device, count in zip(compute_devices(case.budgets)[:-1], counts[:-1]):
+        grown = tuple(units[start : start + count + 1])
+        start += count
+        if start < sum(counts):
+            assert price_split((grown,), (), (device,), case.budgets, case.tokens) is None
+
+
+@SETTINGS
+@given(cases(gpus=st.integers(1, 3), cpu=st.just(True), disk=st.booleans()))
+def test_offloaded_blocks_execute_on_the_last_accelerator_which_keeps_room_to_stream_them(case):
+    plan = plan_or_none(case, "auto")
+    if plan is None or not plan.offloaded():
+        return
+    executors = {p.execution_device for p in plan.offloaded()}
+    last = compute_devices(case.budgets)[-1]
+    assert executors == {last}
+    largest = max(b.weight_bytes for b in plan.profile.blocks if b.name in {p.block for p in plan.offloaded()})
+    row = next(row for row in plan.ledger if row.device == last)
+    assert row.stream_bytes >= 2 * largest
+    offloaded_units = [u for u in price_units(plan.profile, plan.workload) if u.name in {p.block for p in plan.offloaded()}]
+    assert row.stream_bytes == stream_room(offloaded_units)
+
+
+@SETTINGS
+@given(cases(cpu=st.just(True), disk=st.booleans()))
+def test_strict_mode_refuses_to_offload_exactly_when_the_accelerators_cannot_hold_everything(case):
+    on_accelerators = solve_on_accelerators(case.units, case.budgets, case.tokens)
+    plan = plan_or_none(case, "auto", offload=False)
+    assert (plan is None) == (on_accelerators is None)
+
+
+# Fixed cases: messages, devices, sizes.
+
+
+def test_offloaded_kv_cache_counts_when_the_resident_blocks_cache_nothing():
+    blocks = (Block("embed", 10), *(Block(f"layers.{i}", 100, kv_values_per_token=1) for i in range(3)))
+    profile = Profile("toy", "int8", blocks, max_context=64)
+    plan = make_plan(profile, {"cuda:0": 10, "cuda:1": 250, "cpu": 1000}, Workload(1, 1, "int8"))
+    # cuda:1 streams and caches for the offloaded layers; the embedding belongs on cuda:0.
+    assert plan.device_map == {"embed": 0, "layers": "cpu"}
+    assert plan.kv_token_capacity == pytest.approx(50 / 3)
+    assert "nothing is cached per token" not in str(plan)
+
+
+def test_one_device_takes_everything_when_it_fits():
+    profile = layers(4)
+    for device_map, device in [("cuda:1", "cuda:1"), (1, "cuda:1"), ("cpu", "cpu")]:
+        plan = make_plan(profile, {"cuda:0": GiB, "cuda:1": GiB, "cpu": GiB}, Workload(1, 16), device_map)
+        assert {p.device for p in plan.placements} == {device}
+        assert plan.device_map == {"": device if device == "cpu" else 1}
+
+
+def test_one_device_that_is_too_small_is_an_error_with_the_numbers():
+    with pytest.raises(DoesNotFitError, match=r"everything on cuda:0 needs 2\.5 KiB \(weights 400 B, buffers 0 B, KV cache 2\.0 KiB, activations 64 B\).*budget is 1000 B"):
+        make_plan(layers(4), {"cuda:0": 1000}, Workload(1, 16), 0)
+
+
+def test_a_device_map_that_is_neither_strategy_nor_device_is_an_error_listing_both():
+    with pytest.raises(DeviceMapError, match=r"'balanced_low_1' is not understood.*balanced_low_0.*'cuda:N'"):
+        make_plan(layers(4), {"cuda:0": GiB}, Workload(1, 16), "balanced_low_1")
+
+
+def test_one_device_without_a_budget_is_an_error_naming_the_known_ones():
+    with pytest.raises(DeviceMapError, match=r"'cuda:3' names a device with no budget.*cuda:0, cpu"):
+        make_plan(layers(4), {"cuda:0": GiB, "cpu": GiB}, Workload(1, 16), "cuda:3")
+
+
+def test_an_infeasible_model_is_an_error_with_what_it_needs_and_what_there_is():
+    message = r"layers needs 4\.5 KiB .* 1 × 16-token sequences; the budgets add to 2\.0 KiB \(cuda:0 1000 B, cuda:1 1000 B\)"
+    with pytest.raises(DoesNotFitError, match=message):
+        make_plan(layers(4, kv_values=16), {"cuda:0": 1000, "cuda:1": 1000}, Workload(1, 16))
+
+
+def test_strict_mode_names_the_blocks_that_would_be_offloaded():
+    budgets = {"cuda:0": 800, "cpu": 10_000}
+    assert make_plan(layers(8, kv_values=0), budgets, Workload(1, 16)).offloaded()
+    with pytest.raises(DoesNotFitError, match=r"needs 864 B .* budgets add to 800 B \(cuda:0 800 B\).*allow offload"):
+        make_plan(layers(8, kv_values=0), budgets, Workload(1, 16), offload=False)
+
+
+def test_a_24_and_a_48_gib_gpu_share_the_kv_cache_in_proportion_to_their_room():
+    profile = layers(32, weight_bytes=GiB // 2, kv_values=1024)
+    plan = make_plan(profile, {"cuda:0": 24 * GiB, "cuda:1": 48 * GiB}, Workload(1, 4096, "float32"))
+    cuda0, cuda1 = plan.ledger
+    assert cuda0.blocks < cuda1.blocks
+    units = price_units(plan.profile, plan.workload)
+    best = solve_on_accelerators(units, dict(plan.budgets), 4096)
+    assert plan.kv_token_capacity > best.best_capacity - 1
+
+
+def test_the_same_inputs_give_the_same_plan_byte_for_byte():
+    budgets = {"cuda:0": 3000, "cuda:1": 2500, "cuda:2": 4000, "cpu": 10_000, "disk": 10**6}
+    plans = [make_plan(layers(40, kv_values=2), dict(budgets), Workload(2, 8), s) for s in STRATEGIES * 2]
+    assert [p.to_json() for p in plans[:4]] == [p.to_json() for p in plans[4:]]
+
+
+def test_a_400_block_model_is_planned_over_8_gpus_with_even_kv_room():
+    profile = layers(400, weight_bytes=GiB // 4, kv_values=2048)
+    budgets = {f"cuda:{i}": 20 * GiB for i in range(8)}
+    plan = make_plan(profile, budgets, Workload(4, 8192, "bfloat16"))
+    assert [row.blocks for row in plan.ledger] == [50] * 8
+    assert plan.offloaded() == ()
+    assert plan.kv_token_capacity == min(row.kv_token_capacity for row in plan.ledger)

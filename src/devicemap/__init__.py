@@ -1,7 +1,9 @@
 """devicemap: run models too big for one device across every device of a machine."""
 
 from .errors import CheckpointError, DeviceMapError, DeviceNotFoundError, DoesNotFitError, PipelineError
+from .plan import Plan
 from .workload import Workload
+from .api import plan  # noqa: E402  (after .plan: the function, not the module, is devicemap.plan)
 
 __all__ = [
     "CheckpointError",
@@ -9,5 +11,7 @@ __all__ = [
     "DeviceNotFoundError",
     "DoesNotFitError",
     "PipelineError",
+    "Plan",
     "Workload",
+    "plan",
 ]

@@ -1,0 +1,268 @@
+"""One rank's stage of a decoder-only model: built on meta, only its own tensors loaded.
+
+A stage is the model's own transformers class, built on the ``meta`` device (no memory),
+in which the decoder layers of other stages are replaced by a pass-through and never
+loaded. It runs the model's own base-model forward, so masks, rotary embeddings and the
+KV cache are transformers' own and the numbers are those of the single-process model:
+the first stage embeds token ids, later stages take the hidden states as
+``inputs_embeds``, the norm runs on the stage that holds it, and the last stage applies
+the head to the last position. Its ``DynamicCache`` holds the stage's layers; the slots
+of other stages' layers are ``DummyLayer``s, so cache lengths and masks come from this
+stage's own layers while layer indices keep their meaning.
+"""
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DummyLayer
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import CheckpointError, PipelineError
+
+# Decoder-only architectures whose base model is exactly embed_tokens → layers → norm and
+# whose causal LM is exactly lm_head(hidden states): models that scale embeddings inside
+# the forward (Gemma) or post-process logits (softcapping) would be wrong when split.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+
+
+class _SkippedLayer(nn.Module):
+    """Stands in for a decoder layer held by another stage: hidden states pass unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Which parts of the model's standard layout one stage holds."""
+
+    embeds: bool
+    layers: tuple[int, ...]
+    norm: bool
+    head: bool
+
+
+class StageModel:
+    """A rank's stage, ready to run micro-batches; see the module docstring.
+
+    >>> stage = build_stage("smollm2", ("lm_head", "model.norm"), torch.device("cpu"))  # doctest: +SKIP
+    >>> stage.forward(hidden, mask, positions, stage.new_cache()).shape  # doctest: +SKIP
+    torch.Size([4, 49152])
+    """
+
+    def __init__(self, model: PreTrainedModel, layout: StageLayout, device: torch.device):
+        self.model = model
+        self.layout = layout
+        self.device = device
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.hidden_size = model.config.hidden_size
+        self.dtype = model.dtype
+        forward_parameters = inspect.signature(self.decoder.forward).parameters
+        # transformers 5 renamed past_key_values to cache
+        self._cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
+
+    def new_cache(self) -> DynamicCache | None:
+        """An empty KV cache for one micro-batch, with slots only for this stage's layers."""
+        if not self.layout.layers:
+            return None
+        cache = DynamicCache(config=self.model.config)
+        owned = set(self.layout.layers)
+        for index in range(len(cache.layers)):
+            if index not in owned:
+                cache.layers[index] = DummyLayer()
+        return cache
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: DynamicCache | None,
+    ) -> torch.Tensor:
+        """Token ids (first stage) or hidden states in; hidden states, or the last position's
+        float32 logits (last stage), out."""
+        first_input = {"input_ids": inputs} if self.layout.embeds else {"inputs_embeds": inputs}
+        output = self.decoder(
+            **first_input,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=cache is not None,
+            **{self._cache_argument: cache},
+        )
+        hidden = output.last_hidden_state
+        if not self.layout.head:
+            return hidden
+        return self.head(hidden[:, -1:, :])[:, -1].to(torch.float32)
+
+
+def build_stage(
+    folder: str | Path, blocks: tuple[str, ...], device: torch.device, dtype: torch.dtype | None = None
+) -> StageModel:
+    """Build the stage holding ``blocks`` (profile block names) and load its tensors onto ``device``.
+
+    Only the stage's tensors are read from the checkpoint, lazily, so host memory stays
+    near the stage's own size.
+
+    >>> stage = build_stage(demo_model_path(), ("model.embed_tokens", "model.layers.0"), torch.device("cpu"))  # doctest: +SKIP
+    """
+    checkpoint = open_checkpoint(folder)
+    config = AutoConfig.from_pretrained(checkpoint.folder)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise PipelineError(
+            f"model type {config.model_type!r} is not supported by the pipeline, which splits models whose "
+            f"base model is embed_tokens → layers → norm followed by lm_head: {', '.join(SUPPORTED_MODEL_TYPES)}; "
+            "run it with devicemap.load and a device map instead"
+        )
+    dtype = dtype or _checkpoint_dtype(checkpoint)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    layout = _layout_of(model, blocks)
+    _drop_other_stages(model, layout)
+    _load_tensors(model, checkpoint, layout, device)
+    _rebuild_buffers(model, device)
+    _require_materialized(model, layout)
+    return StageModel(model, layout, device)
+
+
+def _checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype:
+    """The floating dtype most of the checkpoint's bytes are stored in."""
+    bytes_by_dtype: dict[torch.dtype, int] = {}
+    for info in checkpoint.tensors.values():
+        if info.dtype.is_floating_point:
+            bytes_by_dtype[info.dtype] = bytes_by_dtype.get(info.dtype, 0) + info.size_bytes
+    return max(bytes_by_dtype, key=bytes_by_dtype.__getitem__, default=torch.float32)
+
+
+def _module_names(model: PreTrainedModel) -> dict[str, nn.Module]:
+    return dict(model.named_modules())
+
+
+def _layout_of(model: PreTrainedModel, blocks: tuple[str, ...]) -> StageLayout:
+    """Map profile block names onto the standard layout; anything else with weights is refused."""
+    modules = _module_names(model)
+    name_of = {id(module): name for name, module in modules.items()}
+    decoder = model.get_decoder()
+    layers_name = name_of[id(decoder.layers)]
+    embed_name = name_of[id(model.get_input_embeddings())]
+    norm_name = name_of[id(decoder.norm)]
+    head_name = name_of[id(model.get_output_embeddings())]
+    layer_index = {f"{layers_name}.{index}": index for index in range(len(decoder.layers))}
+    known = {embed_name, norm_name, head_name, *layer_index}
+    unknown = [name for name in blocks if name not in known and _holds_weights(modules.get(name))]
+    if unknown:
+        raise PipelineError(
+            f"stage blocks {', '.join(unknown)} are not part of the layout the pipeline splits "
+            f"({embed_name}, {layers_name}.N, {norm_name}, {head_name}); run this model with devicemap.load instead"
+        )
+    return StageLayout(
+        embeds=embed_name in blocks,
+        layers=tuple(sorted(layer_index[name] for name in blocks if name in layer_index)),
+        norm=norm_name in blocks,
+        head=head_name in blocks,
+    )
+
+
+def _holds_weights(module: nn.Module | None) -> bool:
+    return module is not None and any(True for _ in module.parameters())
+
+
+def _drop_other_stages(model: PreTrainedModel, layout: StageLayout) -> None:
+    """Replace what other stages compute by pass-throughs; their weights stay on meta, unused."""
+    decoder = model.get_decoder()
+    owned = set(layout.layers)
+    for index in range(len(decoder.layers)):
+        if index not in owned:
+            decoder.layers[index] = _SkippedLayer()
+    if not layout.norm:
+        decoder.norm = nn.Identity()
+
+
+def _stage_modules(model: PreTrainedModel, layout: StageLayout) -> dict[str, nn.Module]:
+    """The modules whose tensors this stage loads, by their name in the model."""
+    decoder = model.get_decoder()
+    name_of = {id(module): name for name, module in model.named_modules()}
+    chosen = [decoder.layers[index] for index in layout.layers]
+    if layout.embeds:
+        chosen.append(model.get_input_embeddings())
+    if layout.norm:
+        chosen.append(decoder.norm)
+    if layout.head:
+        chosen.append(model.get_output_embeddings())
+    return {name_of[id(module)]: module for module in chosen}
+
+
+def _load_tensors(model: PreTrainedModel, checkpoint: Checkpoint, layout: StageLayout, device: torch.device) -> None:
+    """Assign the stage's tensors from the checkpoint, each straight onto ``device``."""
+    aliases = _tied_aliases(model)
+    state = {}
+    missing, mismatched = [], []
+    for prefix, module in _stage_modules(model, layout).items():
+        for name, tensor in module.state_dict().items():
+            full_name = f"{prefix}.{name}"
+            source = next((alias for alias in aliases.get(full_name, (full_name,)) if alias in checkpoint.tensors), None)
+            if source is None:
+                missing.append(full_name)
+                continue
+            found_shape = checkpoint.tensors[source].shape
+            if tuple(found_shape) != tuple(tensor.shape):
+                mismatched.append(f"{full_name} expects {list(tensor.shape)}, checkpoint has {list(found_shape)}")
+                continue
+            dtype = tensor.dtype if tensor.dtype.is_floating_point else None
+            state[full_name] = checkpoint.tensor_to(source, device, dtype)
+    if missing or mismatched:
+        raise CheckpointError(_describe_bad_tensors(checkpoint, missing, mismatched))
+    for group in aliases.values():
+        loaded = next((state[name] for name in group if name in state), None)
+        if loaded is not None:
+            state.update({name: loaded for name in group})
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def _tied_aliases(model: PreTrainedModel) -> dict[str, tuple[str, ...]]:
+    """For each parameter shared under several names (tied embeddings), all of its names."""
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    return {name: tuple(names) for names in names_of.values() if len(names) > 1 for name in names}
+
+
+def _describe_bad_tensors(checkpoint: Checkpoint, missing: list[str], mismatched: list[str]) -> str:
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {', '.join(missing[:10])}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} with another shape: {'; '.join(mismatched[:10])}")
+    return (
+        f"checkpoint {checkpoint.folder} does not match its config for this pipeline stage: "
+        f"{' and '.join(problems)}; the weights and config.json must come from the same model"
+    )
+
+
+def _rebuild_buffers(model: PreTrainedModel, device: torch.device) -> None:
+    """Compute the rotary embedding's buffers for real (the checkpoint does not hold them)."""
+    decoder = model.get_decoder()
+    rotary = decoder.rotary_emb
+    decoder.rotary_emb = type(rotary)(config=rotary.config).to(device)
+
+
+def _require_materialized(model: PreTrainedModel, layout: StageLayout) -> None:
+    """Fail clearly, before any request, if a tensor the stage computes with was never loaded."""
+    modules = {**_stage_modules(model, layout), "rotary_emb": model.get_decoder().rotary_emb}
+    left = [
+        f"{prefix}.{name}"
+        for prefix, module in modules.items()
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+        if tensor.is_meta
+    ]
+    if left:
+        raise PipelineError(
+            f"{len(left)} tensor(s) of this stage are neither in the checkpoint nor computed at build time: "
+            f"{', '.join(left[:10])}; this architecture needs devicemap.load instead of the pipeline"
+        )

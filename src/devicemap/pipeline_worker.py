@@ -1,0 +1,224 @@
+"""One pipeline rank: join the process group, build this rank's stage, run requests.
+
+The same code runs under devicemap's own launcher (``python -m devicemap.pipeline_worker``,
+requests arriving as JSON lines on a pipe from the launcher) and under ``torchrun``
+(inside ``devicemap generate``, one request from the command line). Either way the rank
+reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from
+the environment and joins with ``init_process_group(init_method="env://")``: gloo on CPU,
+NCCL on CUDA, every collective bounded by the pipeline's timeout.
+
+Trust: ranks exchange only tensors (see ``pipeline_wire``) and the launcher's pipes carry
+JSON, so nothing is unpickled. The rendezvous store (torch's TCPStore) accepts any client
+that reaches its port, and a rank believes the hidden states its peers send: every rank of
+one job, and every host on the network the store and the ranks listen on, must be trusted.
+"""
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from .errors import DeviceMapError, PipelineError
+from .pipeline_model import StageModel, build_stage
+from .pipeline_schedule import Request, run_request
+from .pipeline_stages import split_stages
+from .pipeline_wire import PeerLostError, StageLinks
+from .workload import Workload
+
+_PARENT_CHECK_S = 0.5
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a rank needs to build its stage, the same for every rank of a job.
+
+    ``blocks`` holds each rank's profile blocks when the launcher already planned the
+    stages; ``None`` makes the ranks plan them together from the free memory each rank
+    measures and shares, replaced by ``budgets`` ((rank, bytes) pairs) where given.
+    ``device`` is "cpu" (gloo) or "cuda" (NCCL, rank on GPU ``LOCAL_RANK``).
+    """
+
+    model: str
+    stages: int
+    dtype: str | None
+    workload: Workload
+    timeout_s: float
+    device: str = "cpu"
+    threads: int | None = None
+    budgets: tuple[tuple[int, int], ...] = ()
+    blocks: tuple[tuple[str, ...], ...] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkerSpec":
+        fields = json.loads(text)
+        fields["workload"] = Workload(**fields["workload"])
+        fields["budgets"] = tuple(tuple(pair) for pair in fields["budgets"])
+        if fields["blocks"] is not None:
+            fields["blocks"] = tuple(tuple(blocks) for blocks in fields["blocks"])
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class Rank:
+    """A joined rank with its stage and links, ready for requests."""
+
+    rank: int
+    world_size: int
+    stage: StageModel
+    links: StageLinks
+
+    def generate(self, request: Request) -> torch.Tensor | None:
+        """Run one request with the other ranks; rank 0 returns the new tokens."""
+        return run_request(self.stage, self.links, request)
+
+
+def join(spec: WorkerSpec) -> Rank:
+    """Join the job the environment describes and build this rank's stage.
+
+    >>> rank = join(WorkerSpec("smollm2", 2, None, Workload(8, 128), timeout_s=60))  # doctest: +SKIP
+    """
+    rank, world_size, local_rank = _environment_ranks(spec)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = torch.device(f"cuda:{local_rank}") if spec.device == "cuda" else torch.device("cpu")
+    timeout = timedelta(seconds=spec.timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", init_method="env://", timeout=timeout, device_id=device)
+    else:
+        dist.init_process_group("gloo", init_method="env://", timeout=timeout)
+    blocks = spec.blocks[rank] if spec.blocks is not None else _plan_together(spec, rank, device)
+    dtype = getattr(torch, spec.dtype) if spec.dtype else None
+    stage = build_stage(spec.model, blocks, device, dtype)
+    return Rank(rank, world_size, stage, StageLinks(rank, world_size, device, spec.timeout_s))
+
+
+def leave() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _environment_ranks(spec: WorkerSpec) -> tuple[int, int, int]:
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise PipelineError(
+            f"a pipeline rank needs {', '.join(missing)} in its environment; start it with torchrun or "
+            "with devicemap's own launcher (devicemap generate --pipeline N, or devicemap.pipeline.Pipeline)"
+        )
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world_size != spec.stages:
+        raise PipelineError(
+            f"the job has {world_size} ranks but the pipeline asks for {spec.stages} stages; "
+            f"start as many ranks as stages (torchrun --nproc-per-node/--nnodes, or --pipeline {world_size})"
+        )
+    return rank, world_size, int(os.environ.get("LOCAL_RANK", rank))
+
+
+def _plan_together(spec: WorkerSpec, rank: int, device: torch.device) -> tuple[str, ...]:
+    """Every rank shares its budget and computes the same plan from the same numbers."""
+    from .api import profile_of
+
+    budgets = list(_gather_budgets(_local_budget(device), spec.stages, device))
+    for given_rank, budget in spec.budgets:
+        budgets[given_rank] = budget
+    profile = profile_of(spec.model, spec.dtype)
+    return split_stages(profile, budgets, spec.workload).blocks_of(rank)
+
+
+def _local_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return psutil.virtual_memory().available // ranks_here
+
+
+def _gather_budgets(budget: int, stages: int, device: torch.device) -> tuple[int, ...]:
+    mine = torch.tensor([budget], dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(stages)]
+    dist.all_gather(everyone, mine)
+    return tuple(int(value.item()) for value in everyone)
+
+
+def serve(rank: Rank, control, reply) -> None:
+    """Answer the launcher's requests, one JSON line each, until it says close or goes away."""
+    for line in control:
+        message = json.loads(line)
+        if message["op"] == "close":
+            return
+        started = time.perf_counter()
+        tokens = rank.generate(Request.from_json(message["request"]))
+        seconds = time.perf_counter() - started
+        _send(reply, {"done": {"tokens": None if tokens is None else tokens.tolist(), "seconds": seconds}})
+
+
+def _send(reply, message: dict) -> None:
+    reply.write(json.dumps(message) + "\n")
+    reply.flush()
+
+
+def _report(reply, error: BaseException) -> None:
+    """Tell the launcher why this rank stops: a lost peer, or the cause itself."""
+    if isinstance(error, PeerLostError):
+        report = {"kind": "peer", "peer": error.peer, "message": str(error)}
+    else:
+        text = f"{type(error).__name__}: {error}" if not isinstance(error, DeviceMapError) else str(error)
+        if not isinstance(error, DeviceMapError):
+            frame = traceback.extract_tb(error.__traceback__)[-1:]
+            text += "".join(f" (at {f.filename}:{f.lineno} in {f.name})" for f in frame)
+            traceback.print_exception(error, file=sys.stderr)
+        report = {"kind": "cause", "message": text}
+    try:
+        _send(reply, {"error": report})
+    except OSError:
+        pass  # the launcher is gone; it cannot be told
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit as soon as the launcher is gone, even in the middle of a request."""
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="devicemap-parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of a rank started by devicemap's launcher."""
+    parser = argparse.ArgumentParser(prog="python -m devicemap.pipeline_worker")
+    parser.add_argument("--spec", required=True, help="the WorkerSpec as JSON")
+    parser.add_argument("--control-fd", type=int, required=True, help="pipe the launcher writes requests to")
+    parser.add_argument("--reply-fd", type=int, required=True, help="pipe this rank writes answers to")
+    parser.add_argument("--parent-pid", type=int, required=True, help="the launcher's process id")
+    args = parser.parse_args(argv)
+    _watch_parent(args.parent_pid)
+    reply = os.fdopen(args.reply_fd, "w")
+    try:
+        with os.fdopen(args.control_fd, "r") as control:
+            rank = join(WorkerSpec.from_json(args.spec))
+            _send(reply, {"ready": {"rank": rank.rank, "blocks": len(rank.stage.layout.layers)}})
+            serve(rank, control, reply)
+        leave()
+    except BaseException as error:  # every failure must reach the launcher, then end this rank at once
+        _report(reply, error)
+        os._exit(1)
+    reply.close()
+
+
+if __name__ == "__main__":
+    main()

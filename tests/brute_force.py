@@ -142,3 +142,53 @@ def total_weight(units) -> int:
 
 def stream_room(units) -> int:
     return 2 * max((unit.weight_bytes for unit in units), default=0)
+
+
+
+def best_split_by_dp(units, compute, budgets, tokens, offloaded=(), score=None) -> float:
+    """The best over all contiguous splits of the worst device's score, by dynamic programming.
+
+    For models too big to enumerate. The default score is a device's KV capacity in
+    batch×tokens (``-inf`` when over budget at ``tokens``); the last compute device also
+    executes and streams ``offloaded``. Returns ``-inf`` when no split fits.
+    """
+    score = score or capacity_score
+    best = [math.inf] + [-math.inf] * len(units)
+    for position, device in enumerate(compute):
+        streamed = tuple(offloaded) if position == len(compute) - 1 else ()
+        best = [
+            max(
+                min(best[start], score(budgets[device], fixed, rate, tokens, busy))
+                for start, fixed, rate, busy in runs_ending_at(units, end, streamed)
+            )
+            for end in range(len(units) + 1)
+        ]
+    return best[len(units)]
+
+
+def runs_ending_at(units, end: int, streamed):
+    """(start, fixed bytes, KV bytes per token, computes anything) of every run ``units[start:end]``."""
+    weights = sum(unit.buffer_bytes + unit.fixed_kv_bytes for unit in streamed) + stream_room(streamed)
+    peak = max((unit.activation_bytes + unit.logits_bytes for unit in streamed), default=0)
+    rate = kv_rate(streamed)
+    yield end, weights + peak, rate, bool(streamed)
+    for start in range(end - 1, -1, -1):
+        unit = units[start]
+        weights += unit.weight_bytes + unit.buffer_bytes + unit.fixed_kv_bytes
+        peak = max(peak, unit.activation_bytes + unit.logits_bytes)
+        rate += unit.kv_bytes_per_token
+        yield start, weights + peak, rate, True
+
+
+def capacity_score(budget, fixed, rate, tokens, busy) -> float:
+    if not busy:
+        return math.inf
+    if fixed + rate * tokens > budget:
+        return -math.inf
+    return math.inf if rate == 0 else (budget - fixed) / rate
+
+
+def share_score(budget, fixed, rate, tokens, busy) -> float:
+    """Minus how full the device is at ``tokens``, so that the best split is the least full."""
+    used = fixed + rate * tokens
+    return -math.inf if used > budget else -used / budget

@@ -46,6 +46,7 @@ def blocks(draw, name: str, weight_bytes: st.SearchStrategy[int], reserve_scale:
         kv_values_per_token=draw(st.sampled_from([0, 0, 1, 2, 4][: 2 + reserve_scale // 4])),
         kv_window=draw(st.none() | st.integers(1, 48)),
         state_values=draw(st.sampled_from([0, 0, 0, 3, 8][: 1 + reserve_scale // 2])),
+        float32_state_values=draw(st.sampled_from([0, 0, 0, 2][: 1 + reserve_scale // 2])),
         activation_bytes_per_token=draw(st.integers(0, reserve_scale)),
     )
 

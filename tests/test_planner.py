@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from brute_force import compute_devices, price_split, solve, solve_on_accelerators, stream_room
+from brute_force import best_split_by_dp, compute_devices, price_split, solve, solve_on_accelerators, stream_room
 from devicemap.devices import is_accelerator
 from devicemap.errors import DeviceMapError, DoesNotFitError
 from devicemap.ledger import price_units
@@ -50,7 +50,8 @@ def layers(count: int, weight_bytes: int = 100, kv_values: int = 8) -> Profile:
 def test_units_price_weights_kv_state_activations_and_logits_for_the_workload():
     blocks = (
         Block("embed", 1000, buffer_bytes=10, activation_bytes_per_token=3),
-        Block("layer", 500, kv_values_per_token=6, kv_window=4, state_values=5, activation_bytes_per_token=7),
+        Block("layer", 500, kv_values_per_token=6, kv_window=4, state_values=5, activation_bytes_per_token=7,
+              float32_state_values=3),
         Block("head", 0),
     )
     profile = Profile("toy", "float32", blocks, tied=(("embed", "head"),), head="head", vocab_size=100)
@@ -60,7 +61,7 @@ def test_units_price_weights_kv_state_activations_and_logits_for_the_workload():
     assert embed_and_head.activation_bytes == 3 * 2 * 16
     assert embed_and_head.logits_bytes == 2 * 100 * 4 * 2  # batch × vocab × float32 × (logits, scores)
     assert layer.kv_bytes_per_token == 6 * 2 * (4 / 16)  # values × bf16 bytes × the window's share
-    assert layer.fixed_kv_bytes == 5 * 2 * 2  # state values × bf16 bytes × batch
+    assert layer.fixed_kv_bytes == (5 * 2 + 3 * 4) * 2  # (state × bf16 bytes + float32 state × 4) × batch
     assert layer.activation_bytes == 7 * 2 * 16
 
 
@@ -257,3 +258,14 @@ def test_a_400_block_model_is_planned_over_8_gpus_with_even_kv_room():
     assert [row.blocks for row in plan.ledger] == [50] * 8
     assert plan.offloaded() == ()
     assert plan.kv_token_capacity == min(row.kv_token_capacity for row in plan.ledger)
+
+
+@SETTINGS
+@given(cases(disk=st.just(False), cpu=st.just(False)))
+def test_the_dynamic_program_used_on_big_models_agrees_with_the_brute_force(case):
+    best = solve(case.units, case.budgets, case.tokens)
+    by_dp = best_split_by_dp(case.units, compute_devices(case.budgets), case.budgets, case.tokens)
+    if best is None:
+        assert by_dp == -math.inf
+    else:
+        assert by_dp == best.best_capacity

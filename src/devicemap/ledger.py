@@ -70,7 +70,7 @@ def _price(members: tuple[Block, ...], profile: Profile, workload: Workload, kv_
         weight_bytes=sum(block.weight_bytes for block in members),
         buffer_bytes=sum(block.buffer_bytes for block in members),
         kv_bytes_per_token=kv_rate,
-        fixed_kv_bytes=sum(block.state_values for block in members) * kv_value_bytes * workload.batch_size,
+        fixed_kv_bytes=sum(block.cache_bytes(workload.batch_size, 0, workload.kv_dtype) for block in members),
         activation_bytes=max(block.activation_bytes_per_token for block in members)
         * workload.batch_size
         * tokens,

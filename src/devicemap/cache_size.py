@@ -19,6 +19,8 @@ be allocated:
 - a decoder layer with cross-attention (T5, BART) also caches the encoder's keys and
   values; they are counted per token as if the encoder input were as long as the
   sequence budget, an upper bound for prompts no longer than ``max_tokens``;
+- sparse-attention layers (DeepSeek-V3.2) add the indexer's key, ``index_head_dim``
+  values per token;
 - state-space and linear-attention mixers (Mamba, Mamba-2, gated delta rule) keep a
   fixed state per sequence: the convolution's last ``kernel`` inputs per channel, at the
   model's dtype, and a recurrent state that their code keeps in float32;
@@ -121,6 +123,9 @@ def _layer_cache(layer_type: str, kwargs: dict, config: PretrainedConfig, module
         # Cross-attention sits beside self-attention under the same index (T5, BART).
         kv_values = _attention_values_per_token(config) * max(1, len(attention_modules))
         window = kwargs.get("sliding_window", 0)
+    if layer_type == "indexed_attention":
+        # Sparse attention (DeepSeek-V3.2) also caches one key per token for its indexer.
+        kv_values += config.index_head_dim
     state = float32_state = 0
     if layer_type in STATE_LAYER_TYPES:
         mixers = [module for module in modules if _conv(module) is not None]

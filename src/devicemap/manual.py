@@ -43,8 +43,9 @@ def _check_devices(targets: dict[str, str], budgets: Mapping[str, int]) -> None:
 
 
 def _check_keys(targets: dict[str, str], profile: Profile) -> None:
-    known = set(profile.module_names) | {name for block in profile.blocks for name in _leaves(block)}
-    known |= {block.name for block in profile.blocks}
+    names = [*profile.module_names, *(block.name for block in profile.blocks)]
+    names += [name for block in profile.blocks for name in _leaves(block)]
+    known = {prefix for name in names for prefix in _dotted_prefixes(name)}
     unknown = [key for key in targets if key and key not in known]
     if not unknown:
         return
@@ -55,6 +56,12 @@ def _check_keys(targets: dict[str, str], profile: Profile) -> None:
         hint = f" (did you mean {', '.join(repr(name) for name in close)}?)" if close else ""
         lines.append(f"{key!r}{hint}")
     raise DeviceMapError(f"the device map names no module of {profile.name}: {'; '.join(lines)}")
+
+
+def _dotted_prefixes(name: str) -> list[str]:
+    """ "a.b.c" -> ["a", "a.b", "a.b.c"]: every module that holds the tensor or module ``name``."""
+    parts = name.split(".")
+    return [".".join(parts[:length]) for length in range(1, len(parts) + 1)]
 
 
 def _leaves(block) -> tuple[str, ...]:
@@ -129,9 +136,11 @@ def _warn_over_budget(profile, budgets, workload, placements) -> None:
         if not load.fits():
             warnings.warn(
                 f"the device map puts {format_size(load.used_bytes())} on {device} (weights "
-                f"{format_size(load.weight_bytes)}, KV cache {format_size(load.kv_bytes())}, activations "
-                f"{format_size(load.activation_bytes)}) but its budget is {format_size(load.budget_bytes)}; "
-                "it may run out of memory for this workload",
+                f"{format_size(load.weight_bytes)}, buffers {format_size(load.buffer_bytes)}, KV cache "
+                f"{format_size(load.kv_bytes())}, activations {format_size(load.activation_bytes)}, streaming "
+                f"{format_size(load.stream_bytes)}) but its budget is {format_size(load.budget_bytes)}; "
+                "it may run out of memory for this workload; move blocks to devices with room, or use a "
+                "strategy such as 'auto'",
                 stacklevel=4,
             )
 

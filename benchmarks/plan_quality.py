@@ -1,0 +1,226 @@
+"""Plan quality: KV cache that fits beside the weights, as a ratio to the best contiguous split.
+
+    python -m benchmarks.plan_quality [--quick]
+
+For each model × machine × workload, every devicemap strategy and transformers' own
+strategies (on the same meta model, in the same run) are judged by one accounting: the
+batch × tokens of KV cache that fit before the first computing device runs out, divided by
+the best contiguous split's (found independently in ``plan_reference``), and how many
+blocks each spills to CPU or disk. Also times full plans of the largest models, meta
+skeleton included. Prints a table and writes ``benchmarks/results/plan_quality.json``.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import DeepseekV3Config, LlamaConfig, MixtralConfig, PretrainedConfig, Qwen3MoeConfig
+
+from benchmarks.plan_reference import Optimum, best_split, placements_of, transformers_device_map
+from devicemap.errors import DoesNotFitError
+from devicemap.ledger import price_units
+from devicemap.plan import Plan
+from devicemap.planner import make_plan
+from devicemap.profile import Profile, profile_config
+from devicemap.skeleton import build_on_meta
+from devicemap.workload import Workload
+
+GiB = 2**30
+RESULTS = Path(__file__).parent / "results" / "plan_quality.json"
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+TRANSFORMERS_STRATEGIES = ("auto", "balanced_low_0", "sequential")  # transformers' "balanced" is its "auto"
+TARGET_RATIO = 0.99
+TARGET_SECONDS = 2.0
+
+MODELS = {
+    "Llama-3-8B": lambda: LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+    ),
+    "Llama-3-70B": lambda: LlamaConfig(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+    ),
+    "Mixtral-8x7B": lambda: MixtralConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+        max_position_embeddings=32768,
+    ),
+    "Qwen3-30B-A3B": lambda: Qwen3MoeConfig(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        vocab_size=151936, max_position_embeddings=40960,
+    ),
+}  # fmt: skip
+TIMED_MODELS = {
+    "Llama-3.1-405B": lambda: LlamaConfig(
+        hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+    ),
+    "DeepSeek-V3 (671B)": DeepseekV3Config,  # its defaults are the published model
+}  # fmt: skip
+HOST = {"cpu": 512 * GiB, "disk": 8192 * GiB}
+MACHINES = {
+    "2×24": [24, 24],
+    "4×24": [24, 24, 24, 24],
+    "2×80": [80, 80],
+    "8×80": [80] * 8,
+    "24+48": [24, 48],
+    "3×16": [16, 16, 16],
+}
+WORKLOADS = (Workload(1, 4096), Workload(4, 8192))
+
+
+@dataclass(frozen=True)
+class Score:
+    """One strategy on one row: KV room as a ratio to the best split, and blocks spilled."""
+
+    ratio: float | None  # None: the strategy found no plan
+    spilled_blocks: int
+    split_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    machine: str
+    workload: str
+    fits_on_gpus: bool
+    best_kv_tokens: float
+    devicemap: dict[str, Score]
+    transformers: dict[str, Score]
+
+
+def budgets_of(machine: str) -> dict[str, int]:
+    return {**{f"cuda:{i}": size * GiB for i, size in enumerate(MACHINES[machine])}, **HOST}
+
+
+@cache
+def model_of(name: str) -> tuple[Profile, torch.nn.Module]:
+    config: PretrainedConfig = MODELS[name]()
+    return profile_config(config, torch.bfloat16), build_on_meta(config, torch.bfloat16)
+
+
+def measure_row(model: str, machine: str, workload: Workload) -> Row:
+    profile, meta_model = model_of(model)
+    budgets = budgets_of(machine)
+    resolved = workload.resolve(profile.max_context, profile.dtype)
+    tokens = resolved.batch_size * resolved.max_tokens
+    optimum = best_split(price_units(profile, resolved), budgets, tokens)
+    ours = {s: score_devicemap(profile, budgets, resolved, s, optimum) for s in STRATEGIES}
+    theirs = {s: score_transformers(profile, meta_model, budgets, resolved, s, optimum) for s in TRANSFORMERS_STRATEGIES}
+    fits = optimum.resident_units == len(price_units(profile, resolved))
+    label = f"{resolved.batch_size}×{resolved.max_tokens}"
+    return Row(model, machine, label, fits, optimum.kv_token_capacity, ours, theirs)
+
+
+def score_devicemap(profile, budgets, workload, strategy, optimum: Optimum) -> Score:
+    try:
+        plan = make_plan(profile, budgets, workload, strategy)
+    except DoesNotFitError:
+        return Score(None, 0)
+    return score_plan(plan, optimum)
+
+
+def score_transformers(profile, meta_model, budgets, workload, strategy, optimum: Optimum) -> Score:
+    """transformers' map for the strategy, judged by devicemap's ledger for the same workload."""
+    placements, split = placements_of(profile, transformers_device_map(meta_model, strategy, budgets))
+    plan = Plan(profile, workload, tuple(budgets.items()), f"transformers {strategy}", placements)
+    return score_plan(plan, optimum, split)
+
+
+def score_plan(plan: Plan, optimum: Optimum, split: int = 0) -> Score:
+    spilled = len(plan.offloaded())
+    if not optimum.fits:
+        return Score(None, spilled, split)
+    if math.isinf(optimum.kv_token_capacity):
+        return Score(1.0 if math.isinf(plan.kv_token_capacity) else 0.0, spilled, split)
+    return Score(plan.kv_token_capacity / optimum.kv_token_capacity, spilled, split)
+
+
+def time_large_plans() -> dict[str, float]:
+    """Seconds for a full plan of each timed model from its config: meta skeleton, profile and plan."""
+    budgets = budgets_of("8×80")
+    seconds = {}
+    for name, config in TIMED_MODELS.items():
+        start = time.perf_counter()
+        make_plan(profile_config(config(), torch.bfloat16), budgets, Workload(1, 4096), "auto")
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
+def cell(score: Score) -> str:
+    if score.ratio is None:
+        return "no fit" if score.spilled_blocks == 0 else f"— +{score.spilled_blocks} off"
+    text = f"{score.ratio:.2f}"
+    if score.spilled_blocks:
+        text += f" +{score.spilled_blocks} off"
+    if score.split_blocks:
+        text += f" {score.split_blocks} split"
+    return text
+
+
+def table(rows: list[Row]) -> Table:
+    grid = Table(title="KV batch×tokens that fit ÷ best contiguous split   (+N off: blocks spilled to cpu/disk)")
+    for column in ("model", "GPUs GiB", "batch×tokens", "GPUs hold all"):
+        grid.add_column(column)
+    for strategy in STRATEGIES:
+        grid.add_column(f"devicemap {strategy}", justify="right")
+    for strategy in TRANSFORMERS_STRATEGIES:
+        grid.add_column(f"transformers {strategy}", justify="right")
+    for row in rows:
+        grid.add_row(
+            row.model, row.machine, row.workload, "yes" if row.fits_on_gpus else "no",
+            *(cell(row.devicemap[s]) for s in STRATEGIES), *(cell(row.transformers[s]) for s in TRANSFORMERS_STRATEGIES),
+        )  # fmt: skip
+    return grid
+
+
+def misses(rows: list[Row], seconds: dict[str, float]) -> list[str]:
+    """Every target the run did not meet, in words."""
+    found = []
+    for row in rows:
+        where = f"{row.model} on {row.machine} at {row.workload}"
+        for strategy in ("auto", "balanced"):
+            ratio = row.devicemap[strategy].ratio
+            if row.best_kv_tokens > 0 and (ratio is None or ratio < TARGET_RATIO):
+                found.append(f"{where}: devicemap {strategy} reaches {ratio} of the best")
+        for strategy, score in row.devicemap.items():
+            if row.fits_on_gpus and score.spilled_blocks:
+                found.append(f"{where}: devicemap {strategy} spills {score.spilled_blocks} blocks")
+    found += [f"{name} planned in {s:.2f} s" for name, s in seconds.items() if s >= TARGET_SECONDS]
+    return found
+
+
+def main(argv: list[str]) -> int:
+    """Run the grid, print the table and the targets, write the JSON; 1 if a target is missed."""
+    options = argparse.ArgumentParser(prog="python -m benchmarks.plan_quality", description=__doc__.split("\n")[0])
+    options.add_argument("--quick", action="store_true", help="two models, two machines, one workload")
+    quick = options.parse_args(argv).quick
+    models = list(MODELS)[:2] if quick else list(MODELS)
+    machines = list(MACHINES)[:2] if quick else list(MACHINES)
+    workloads = WORKLOADS[:1] if quick else WORKLOADS
+    rows = [measure_row(m, d, w) for m in models for d in machines for w in workloads]
+    seconds = time_large_plans()
+    console = Console(width=220)
+    console.print(table(rows))
+    for name, s in seconds.items():
+        console.print(f"{name}: config → meta skeleton → profile → plan over 8×80 GiB + cpu + disk in {s:.2f} s")
+    missed = misses(rows, seconds)
+    console.print("targets met" if not missed else "targets missed:\n  " + "\n  ".join(missed))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"rows": [asdict(r) for r in rows], "plan_seconds": seconds}, indent=1))
+    console.print(f"results written to {RESULTS}")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

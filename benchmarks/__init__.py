@@ -1,0 +1,1 @@
+"""devicemap's benchmark suites, run with ``python -m benchmarks [SUITE ...] [--quick]``."""

@@ -1,0 +1,206 @@
+"""One run of one case, in a fresh process: load the model one way, then time what the case asks.
+
+The suite starts ``python -m benchmarks.speed_worker SPEC`` (SPEC: the case and the
+settings as JSON) and reads the last stdout line, ``RESULT {...}``. Libraries are
+imported before the clock starts, so import time counts for neither system.
+"""
+
+import importlib
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .speed_checkpoints import read_every_byte
+
+RESULT_PREFIX = "RESULT "
+_H2D_BYTES = 256 * 2**20
+# Token ids drawn from this range avoid the special tokens at the start of Llama vocabularies.
+_FIRST_ORDINARY_TOKEN = 100
+
+
+def main(argv: list[str]) -> int:
+    """Measure the case given as JSON in ``argv[0]`` and print its figures as one JSON line."""
+    spec = json.loads(argv[0])
+    if spec["settings"].get("threads"):
+        torch.set_num_threads(spec["settings"]["threads"])
+    print(RESULT_PREFIX + json.dumps(measure(spec["case"], spec["settings"])), flush=True)
+    return 0
+
+
+def measure(case: dict, settings: dict) -> dict:
+    """The figures of one run of ``case`` (a ``Case`` as a dict)."""
+    if case["system"] == "raw-read":
+        return time_raw_read(Path(case["folder"]))
+    if case["system"] == "h2d":
+        return measure_host_to_device(case["offloaded_bytes"])
+    return measure_model(case, settings)
+
+
+def time_raw_read(folder: Path) -> dict:
+    """Seconds to read every byte of the folder's safetensors files into one reused buffer.
+
+    >>> time_raw_read(Path("SmolLM2-135M-Instruct"))  # doctest: +SKIP
+    {'read_s': 0.21, 'read_bytes': 538090408}
+    """
+    start = time.perf_counter()
+    read_bytes = read_every_byte(folder)
+    return {"read_s": time.perf_counter() - start, "read_bytes": read_bytes}
+
+
+def measure_host_to_device(offloaded_bytes: int) -> dict:
+    """Pinned host to GPU 0 bandwidth, and the decode rate it allows when each token copies ``offloaded_bytes``."""
+    host = torch.empty(_H2D_BYTES, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(_H2D_BYTES, dtype=torch.uint8, device="cuda:0")
+    device.copy_(host, non_blocking=True)
+    best_s = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        device.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        best_s = min(best_s, start.elapsed_time(end) / 1000)
+    bandwidth = _H2D_BYTES / best_s
+    return {"h2d_bytes_per_s": bandwidth, "bound_tokens_per_s": bandwidth / max(offloaded_bytes, 1)}
+
+
+def measure_model(case: dict, settings: dict) -> dict:
+    """Load the case's model (timed, with the peak RSS it reached), then time decode and prefill."""
+    for module in IMPORTS[case["system"]]:
+        importlib.import_module(module)
+    loader = LOADERS[case["system"]]
+    figures = {"import_peak_rss_bytes": peak_rss_bytes()}
+    with tempfile.TemporaryDirectory(prefix="devicemap-bench-") as offload_folder:
+        start = time.perf_counter()
+        model = loader(case, Path(offload_folder))
+        synchronize(case)
+        figures["load_s"] = time.perf_counter() - start
+        figures["load_peak_rss_bytes"] = peak_rss_bytes()
+        if "decode" in case["measures"]:
+            figures.update(time_decode(model, case, settings))
+        if "prefill" in case["measures"]:
+            figures.update(time_prefill(model, case, settings))
+        figures["peak_rss_bytes"] = peak_rss_bytes()
+    return figures
+
+
+def load_with_transformers(case: dict, offload_folder: Path):
+    """transformers' ``from_pretrained`` with the case's device map (accelerate's hooks)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        case["folder"], device_map=case["device_map"], dtype=_dtype(case), offload_folder=str(offload_folder)
+    )
+
+
+def load_with_devicemap(case: dict, offload_folder: Path):
+    """``devicemap.load`` with the case's device map."""
+    from devicemap.load import load
+
+    return load(case["folder"], device_map=case["device_map"], dtype=_dtype(case), offload_folder=offload_folder)
+
+
+def load_plain(case: dict, offload_folder: Path):
+    """The model in CPU memory with no hooks at all: the baseline for dispatch overhead."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(case["folder"], dtype=_dtype(case))
+
+
+def load_with_hooks(case: dict, offload_folder: Path):
+    """The plain model, then ``devicemap.dispatch`` over the case's map (one hook per block)."""
+    from devicemap.dispatch import dispatch
+
+    model = load_plain(case, offload_folder)
+    return dispatch(model, case["device_map"])
+
+
+# Imported before the clock starts: a library's import time is not part of a load.
+# transformers' from_pretrained imports accelerate lazily when given a device map.
+IMPORTS = {
+    "transformers": ("transformers", "accelerate"),
+    "devicemap": ("transformers", "devicemap.load"),
+    "plain": ("transformers",),
+    "hooks": ("transformers", "devicemap.dispatch"),
+}
+LOADERS = {
+    "transformers": load_with_transformers,
+    "devicemap": load_with_devicemap,
+    "plain": load_plain,
+    "hooks": load_with_hooks,
+}
+
+
+def time_decode(model, case: dict, settings: dict) -> dict:
+    """Seconds for greedy ``generate`` of ``new_tokens`` tokens after a short prompt, warmed up first."""
+    prompt = prompt_ids(model, settings["decode_prompt_tokens"], case)
+    generate(model, prompt, 2)
+    new_tokens = settings["new_tokens"]
+    start = time.perf_counter()
+    output = generate(model, prompt, new_tokens)
+    synchronize(case)
+    decode_s = time.perf_counter() - start
+    return {"decode_s": decode_s, "new_tokens": new_tokens, "tokens": output[0, -new_tokens:].tolist()}
+
+
+def time_prefill(model, case: dict, settings: dict) -> dict:
+    """Seconds to the first token of a ``prefill_tokens``-token prompt."""
+    prompt = prompt_ids(model, settings["prefill_tokens"], case)
+    start = time.perf_counter()
+    generate(model, prompt, 1)
+    synchronize(case)
+    return {"prefill_s": time.perf_counter() - start}
+
+
+def generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy generation of exactly ``new_tokens`` tokens (end-of-sequence does not stop it)."""
+    return model.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+
+
+def prompt_ids(model, length: int, case: dict) -> torch.Tensor:
+    """The same ``length`` token ids for every system: a fixed draw from the ordinary vocabulary."""
+    generator = torch.Generator().manual_seed(length)
+    ids = torch.randint(_FIRST_ORDINARY_TOKEN, model.config.vocab_size, (1, length), generator=generator)
+    return ids.to("cuda:0" if case["gpu"] else "cpu")
+
+
+def synchronize(case: dict) -> None:
+    """Wait for queued GPU work, so that the clock measures it."""
+    if case["gpu"]:
+        torch.cuda.synchronize()
+
+
+def peak_rss_bytes() -> int:
+    """The highest resident memory this process has reached so far.
+
+    Linux's ``VmHWM`` starts afresh at exec; ``ru_maxrss`` would instead carry over the
+    suite's own peak from before the fork.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # macOS reports bytes, other systems kilobytes.
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _dtype(case: dict) -> torch.dtype:
+    return getattr(torch, case["dtype"])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

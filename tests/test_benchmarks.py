@@ -1,0 +1,186 @@
+"""The speed suite's pure parts: its cases, rows, verdicts, table and JSON, from made-up figures."""
+
+import json
+from datetime import datetime
+from io import StringIO
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from benchmarks.__main__ import SUITES
+from benchmarks.speed import select
+from benchmarks.speed_cases import ALL_DISK, DECODE_SECTION, HALF_DISK, LOAD_SECTION, MEMORY, Case, Settings, SuiteModels, comparisons, cpu_cases, layer_map
+from benchmarks.speed_checkpoints import BenchModel, read_every_byte, split_evenly, write_random_llama
+from benchmarks.speed_report import CaseResult, evaluate, failures, report, rows_for, summarise, table, write_json
+
+DEMO_FP32 = BenchModel("demo-fp32", Path("/models/demo-fp32"), "float32")
+DEMO_BF16 = BenchModel("demo-bf16", Path("/models/demo-bf16"), "bfloat16")
+TINYLLAMA = BenchModel("tinyllama-bf16", Path("/models/tinyllama"), "bfloat16")
+LAYERS = {"demo-fp32": 30, "demo-bf16": 30, "tinyllama-bf16": 22}
+BUDGET_MAP = layer_map(22, 8, "disk")
+
+
+def suite_cases(tinyllama: BenchModel | None = TINYLLAMA) -> list[Case]:
+    return cpu_cases(SuiteModels(DEMO_FP32, DEMO_BF16, tinyllama, BUDGET_MAP), LAYERS)
+
+
+def run(**figures) -> dict:
+    return dict(figures)
+
+
+def results_of(cases: list[Case], runs_by_key: dict[str, list[dict]]) -> dict[str, CaseResult]:
+    return {case.key: CaseResult(case, tuple(runs_by_key.get(case.key, ()))) for case in cases}
+
+
+def row_named(rows, section: str, label: str):
+    return next(row for row in rows if row.section == section and row.label == label)
+
+
+def test_half_disk_map_puts_the_second_half_of_the_layers_on_disk_and_the_rest_on_cpu():
+    device_map = layer_map(30, 15, "disk")
+    assert [device_map[f"model.layers.{i}"] for i in (0, 14, 15, 29)] == ["cpu", "cpu", "disk", "disk"]
+    assert (device_map["model.embed_tokens"], device_map["model.norm"], device_map["lm_head"]) == ("cpu",) * 3
+
+
+def test_every_devicemap_case_has_a_transformers_case_with_the_same_device_map_and_dtype():
+    cases = {case.key: case for case in suite_cases()}
+    for case in cases.values():
+        if case.system == "devicemap":
+            twin = cases[f"transformers/{case.model}/{case.placement}"]
+            assert (twin.device_map, twin.dtype, twin.folder, twin.measures) == (
+                case.device_map, case.dtype, case.folder, case.measures)
+
+
+def test_the_dtype_converting_load_reads_the_fp32_checkpoint_as_bf16():
+    converting = [case for case in suite_cases() if case.model == "demo-fp32-as-bf16"]
+    assert {case.placement for case in converting} == {MEMORY, ALL_DISK}
+    assert {(case.folder, case.dtype) for case in converting} == {(str(DEMO_FP32.folder), "bfloat16")}
+
+
+def test_every_row_names_cases_the_suite_runs():
+    cases = suite_cases()
+    keys = {case.key for case in cases}
+    for comparison in comparisons(cases):
+        assert {comparison.devicemap, comparison.transformers, comparison.reference} - {None} <= keys
+
+
+def test_without_the_large_checkpoint_its_cases_and_rows_are_left_out():
+    cases = suite_cases(tinyllama=None)
+    assert not [case for case in cases if "tinyllama" in case.key]
+    assert not [row for row in comparisons(cases) if "tinyllama" in row.devicemap]
+
+
+def test_select_keeps_the_cases_whose_key_contains_any_pattern():
+    chosen = select(suite_cases(), ["half-disk", "raw-read/demo-fp32"])
+    assert {case.placement for case in chosen} == {HALF_DISK, "files"}
+    assert select(suite_cases(), []) == suite_cases()
+
+
+def test_decode_rate_is_summarised_from_the_fastest_run_and_the_median():
+    result = CaseResult(suite_cases()[1], (run(decode_s=4.0, new_tokens=64), run(decode_s=2.0, new_tokens=64),
+                                           run(decode_s=8.0, new_tokens=64)))
+    figure = summarise(result, "decode_tokens_per_s")
+    assert (figure.best, figure.median, figure.runs) == (32.0, 16.0, 3)
+
+
+def test_load_time_is_summarised_from_the_quickest_run():
+    result = CaseResult(suite_cases()[1], (run(load_s=3.0), run(load_s=1.0)))
+    assert summarise(result, "load_s").best == 1.0
+
+
+def test_half_disk_decode_passes_at_96_percent_of_in_memory_speed_and_fails_at_90():
+    cases = suite_cases()
+    for rate, verdict in ((0.96, "pass"), (0.90, "fail")):
+        results = results_of(cases, {
+            "devicemap/demo-fp32/memory": [run(decode_s=1.0, new_tokens=10)],
+            "devicemap/demo-fp32/half-disk": [run(decode_s=1.0 / rate, new_tokens=10)],
+            "transformers/demo-fp32/half-disk": [run(decode_s=2.0, new_tokens=10)],
+        })
+        row = row_named(rows_for(comparisons(cases), results), DECODE_SECTION, "demo fp32, 2nd half of layers on disk")
+        assert row.vs_reference == pytest.approx(rate)
+        assert row.vs_transformers == pytest.approx(2.0 * rate)
+        assert row.verdict == verdict
+
+
+def test_a_converting_load_must_beat_transformers_and_stay_within_one_and_a_half_raw_reads():
+    cases = suite_cases()
+    comparison = next(c for c in comparisons(cases) if c.metric == "load_s" and "demo-fp32-as-bf16/memory" in c.devicemap)
+    fast = {"devicemap/demo-fp32-as-bf16/memory": [run(load_s=1.2)],
+            "transformers/demo-fp32-as-bf16/memory": [run(load_s=2.0)],
+            "raw-read/demo-fp32/files": [run(read_s=1.0)]}
+    assert evaluate(comparison, results_of(cases, fast)).verdict == "pass"
+    slow_against_the_disk = {**fast, "devicemap/demo-fp32-as-bf16/memory": [run(load_s=1.6)]}
+    assert evaluate(comparison, results_of(cases, slow_against_the_disk)).verdict == "fail"
+
+
+def test_a_row_missing_a_figure_is_not_judged_and_says_which_case_failed():
+    cases = suite_cases()
+    results = results_of(cases, {"transformers/demo-fp32/memory": [run(load_s=1.0)]})
+    failed = CaseResult(results["devicemap/demo-fp32/memory"].case, (), "ImportError: no load")
+    results["devicemap/demo-fp32/memory"] = failed
+    row = row_named(rows_for(comparisons(cases), results), LOAD_SECTION, "demo fp32, in memory")
+    assert (row.devicemap, row.vs_transformers, row.verdict) == (None, None, "n/a")
+    assert failures(results) == ["devicemap/demo-fp32/memory: ImportError: no load"]
+
+
+def test_different_greedy_tokens_between_the_systems_are_flagged():
+    cases = suite_cases()
+    results = results_of(cases, {
+        "devicemap/demo-fp32/memory": [run(decode_s=1.0, new_tokens=3, tokens=[1, 2, 3])],
+        "transformers/demo-fp32/memory": [run(decode_s=1.0, new_tokens=3, tokens=[1, 2, 4])],
+    })
+    row = row_named(rows_for(comparisons(cases), results), DECODE_SECTION, "demo fp32, in memory")
+    assert row.same_tokens is False
+
+
+def test_table_shows_every_row_with_its_ratio_and_target():
+    cases = suite_cases()
+    results = results_of(cases, {
+        "devicemap/demo-fp32/memory": [run(decode_s=1.0, new_tokens=16, load_s=0.5)],
+        "transformers/demo-fp32/memory": [run(decode_s=1.0, new_tokens=16, load_s=1.0)],
+        "devicemap/demo-fp32/all-disk": [run(decode_s=2.0, new_tokens=16)],
+    })
+    rows = rows_for(comparisons(cases), results)
+    output = StringIO()
+    Console(file=output, width=250).print(table(rows))
+    text = output.getvalue()
+    assert "16.00 (16.00)" not in text and "16.00" in text and "0.50" in text and "≥ 0.90 × ref" in text and "FAIL" in text
+    assert text.count("demo fp32, all layers on disk") == 4  # decode, prefill, load time, load RSS
+
+
+def test_json_report_holds_settings_cases_and_rows(tmp_path):
+    cases = suite_cases()[:3]
+    results = results_of(cases, {cases[1].key: [run(load_s=1.0)]})
+    data = report(Settings(runs=1), {"cpu_count": 2}, results, rows_for(comparisons(cases), results))
+    path = write_json(data, tmp_path / "results", datetime(2025, 1, 2, 3, 4, 5))
+    assert path.name == "speed-20250102-030405.json"
+    written = json.loads(path.read_text())
+    assert written["settings"]["runs"] == 1
+    assert written["cases"][cases[1].key]["runs"] == [{"load_s": 1.0}]
+    assert written["cases"][cases[1].key]["case"]["device_map"] == cases[1].device_map
+
+
+def test_split_evenly_keeps_the_order_and_balances_elements():
+    shapes = {f"w{i}": (10,) for i in range(10)}
+    groups = split_evenly(shapes, 5)
+    assert [name for group in groups for name in group] == list(shapes)
+    assert [len(group) for group in groups] == [2] * 5
+
+
+def test_random_llama_checkpoint_is_sharded_and_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 128, "tie_word_embeddings": False}
+    write_random_llama(tmp_path, shape, shard_count=3)
+    assert len(list(tmp_path.glob("model-*-of-00003.safetensors"))) == 3
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 2
+    assert torch.equal(model.model.norm.weight, torch.ones(32, dtype=torch.bfloat16))
+    assert read_every_byte(tmp_path) == sum(path.stat().st_size for path in tmp_path.glob("*.safetensors"))
+
+
+def test_one_entry_knows_every_suite():
+    assert set(SUITES) == {"speed", "plan", "pipeline"}

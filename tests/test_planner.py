@@ -223,9 +223,20 @@ def test_one_device_without_a_budget_is_an_error_naming_the_known_ones():
 
 
 def test_an_infeasible_model_is_an_error_with_what_it_needs_and_what_there_is():
-    message = r"layers needs 4\.5 KiB .* 1 × 16-token sequences; the budgets add to 2\.0 KiB \(cuda:0 1000 B, cuda:1 1000 B\)"
+    message = (
+        r"layers needs 4\.5 KiB .* 1 × 16-token sequences; the budgets add to 2\.0 KiB \(cuda:0 1000 B, "
+        r"cuda:1 1000 B\), and no contiguous split fits; add at least 2\.5 KiB more on cuda:0, cuda:1, or "
+        r"max_memory for cpu or disk"
+    )
     with pytest.raises(DoesNotFitError, match=message):
         make_plan(layers(4, kv_values=16), {"cuda:0": 1000, "cuda:1": 1000}, Workload(1, 16))
+
+
+def test_an_infeasible_model_with_room_on_cpu_says_the_kv_cache_must_stay_on_the_gpus():
+    budgets = {"cuda:0": 1000, "cuda:1": 1000, "cpu": 10**6, "disk": 10**9}
+    message = r"budgets add to 954\.6 MiB .*, but the KV cache and activations stay on cuda:0, cuda:1, and cuda:1"
+    with pytest.raises(DoesNotFitError, match=message):
+        make_plan(layers(4, kv_values=16), budgets, Workload(1, 16))
 
 
 def test_strict_mode_names_the_blocks_that_would_be_offloaded():

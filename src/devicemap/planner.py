@@ -295,18 +295,24 @@ def _does_not_fit(profile, units, budgets, workload, compute, tiers, offload) ->
         total.store(unit)
         total.execute(unit)
     usable = {device: budgets[device] for device in [*compute, *tiers]}
-    advice = (
-        "add max_memory for cpu or disk, use a smaller workload (batch_size or max_tokens) or a smaller dtype"
-        if offload
-        else "allow offload (drop offload=False / --no-offload), add accelerators, or use a smaller "
-        "workload or dtype"
-    )
-    return DoesNotFitError(
+    needs = (
         f"{profile.name} needs {format_size(total.used_bytes())} ({_breakdown(total)}) for "
         f"{workload.batch_size} × {workload.max_tokens}-token sequences; the budgets add to "
-        f"{format_size(sum(usable.values()))} ({', '.join(f'{d} {format_size(b)}' for d, b in usable.items())}), "
-        f"and no contiguous split fits; {advice}"
+        f"{format_size(sum(usable.values()))} ({', '.join(f'{d} {format_size(b)}' for d, b in usable.items())})"
     )
+    smaller = "or use a smaller workload (batch_size or max_tokens) or dtype"
+    if tiers:
+        return DoesNotFitError(
+            f"{needs}, but the KV cache and activations stay on {', '.join(compute)}, and {compute[-1]} also "
+            f"keeps those of every block on {' or '.join(tiers)} with room to stream it, so no contiguous "
+            f"split fits; add memory on {', '.join(compute)}, {smaller}"
+        )
+    shortfall = total.used_bytes() - sum(budgets[device] for device in compute)
+    more = f"at least {format_size(shortfall)} more" if shortfall > 0 else "more"
+    advice = f"add {more} on {', '.join(compute)}, or max_memory for cpu or disk to offload weights"
+    if not offload:
+        advice = f"allow offload (drop offload=False / --no-offload), add {more} on {', '.join(compute)}"
+    return DoesNotFitError(f"{needs}, and no contiguous split fits; {advice}, {smaller}")
 
 
 def _refuse_offload(plan: Plan) -> None:

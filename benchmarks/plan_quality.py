@@ -116,7 +116,9 @@ def measure_row(model: str, machine: str, workload: Workload) -> Row:
     tokens = resolved.batch_size * resolved.max_tokens
     optimum = best_split(price_units(profile, resolved), budgets, tokens)
     ours = {s: score_devicemap(profile, budgets, resolved, s, optimum) for s in STRATEGIES}
-    theirs = {s: score_transformers(profile, meta_model, budgets, resolved, s, optimum) for s in TRANSFORMERS_STRATEGIES}
+    theirs = {
+        s: score_transformers(profile, meta_model, budgets, resolved, s, optimum) for s in TRANSFORMERS_STRATEGIES
+    }
     fits = optimum.resident_units == len(price_units(profile, resolved))
     label = f"{resolved.batch_size}×{resolved.max_tokens}"
     return Row(model, machine, label, fits, optimum.kv_token_capacity, ours, theirs)
@@ -179,7 +181,8 @@ def table(rows: list[Row]) -> Table:
     for row in rows:
         grid.add_row(
             row.model, row.machine, row.workload, "yes" if row.fits_on_gpus else "no",
-            *(cell(row.devicemap[s]) for s in STRATEGIES), *(cell(row.transformers[s]) for s in TRANSFORMERS_STRATEGIES),
+            *(cell(row.devicemap[s]) for s in STRATEGIES),
+            *(cell(row.transformers[s]) for s in TRANSFORMERS_STRATEGIES),
         )  # fmt: skip
     return grid
 

@@ -80,7 +80,9 @@ def _best_capacity(resident, offloaded, gpus, budgets, tokens) -> float:
     best = [math.inf] + [-math.inf] * len(resident)
     for position, gpu in enumerate(gpus):
         streamed = offloaded if position == len(gpus) - 1 else ()
-        best = [_best_ending_at(end, resident, streamed, best, budgets[gpu], tokens) for end in range(len(resident) + 1)]
+        best = [
+            _best_ending_at(end, resident, streamed, best, budgets[gpu], tokens) for end in range(len(resident) + 1)
+        ]
     return best[-1]
 
 

@@ -1,5 +1,5 @@
 import pytest
-from configs import real_profile
+from full_size import full_profile
 
 from devicemap.errors import DeviceMapError, DeviceNotFoundError, DoesNotFitError
 from devicemap.planner import make_plan
@@ -95,9 +95,9 @@ def test_strict_mode_refuses_a_manual_map_that_offloads():
         manual({"": 0, "model.layers.3": "disk"}, offload=False)
 
 
-@pytest.mark.parametrize("name", ["llama-3-8b", "gpt2", "t5-base"])
+@pytest.mark.parametrize("name", ["llama-3-8b", "gpt2", "t5-small"])
 def test_a_plans_device_map_given_back_as_a_manual_map_places_every_block_the_same(name):
     budgets = {"cuda:0": 6 * GiB, "cuda:1": 12 * GiB, "cpu": 64 * GiB}
-    plan = make_plan(real_profile(name), budgets, Workload(1, 1024), "auto")
-    again = make_plan(real_profile(name), budgets, Workload(1, 1024), plan.device_map)
+    plan = make_plan(full_profile(name), budgets, Workload(1, 1024), "auto")
+    again = make_plan(full_profile(name), budgets, Workload(1, 1024), plan.device_map)
     assert devices_of(again) == devices_of(plan)

@@ -7,7 +7,7 @@ dynamic program over every contiguous split, independent of the planner's search
 import math
 
 import pytest
-from configs import REAL_CONFIGS, real_profile
+from full_size import FULL_SIZE, full_profile
 
 from brute_force import best_split_by_dp, compute_devices, price_split, share_score
 from devicemap.devices import device_order, is_accelerator
@@ -41,7 +41,7 @@ WORKLOADS = (Workload(1, 4096), Workload(8, 8192))
 
 
 def plans_for(name: str, machine: str, workload: Workload):
-    profile = real_profile(name)
+    profile = full_profile(name)
     plans = {}
     for strategy in STRATEGIES:
         try:
@@ -59,19 +59,20 @@ def resident_counts(plan) -> list[int]:
 
 @pytest.mark.parametrize("workload", WORKLOADS, ids=["1x4096", "8x8192"])
 @pytest.mark.parametrize("machine", MACHINES)
-@pytest.mark.parametrize("name", REAL_CONFIGS)
+@pytest.mark.parametrize("name", FULL_SIZE)
 def test_every_strategy_keeps_its_promises_on_real_architectures(name, machine, workload):
     plans = plans_for(name, machine, workload)
     budgets = MACHINES[machine]
-    first = plans["auto"]
-    resolved = workload.resolve(real_profile(name).max_context, real_profile(name).dtype)
-    units = price_units(real_profile(name), resolved)
+    auto = plans["auto"]
+    profile = full_profile(name)
+    resolved = workload.resolve(profile.max_context, profile.dtype)
+    units = price_units(profile, resolved)
     tokens = resolved.batch_size * resolved.max_tokens
     compute = compute_devices(budgets)
     fits_on_compute = best_split_by_dp(units, compute, budgets, tokens) > -math.inf
     for strategy, plan in plans.items():
         if isinstance(plan, DoesNotFitError):
-            assert not fits_on_compute and isinstance(first, DoesNotFitError), strategy
+            assert not fits_on_compute and isinstance(auto, DoesNotFitError), strategy
             assert "needs" in str(plan) and "budgets add to" in str(plan)
             continue
         assert_within_budgets(plan)
@@ -79,7 +80,7 @@ def test_every_strategy_keeps_its_promises_on_real_architectures(name, machine, 
         assert_offload_streams_to_the_last_compute_device(plan)
         if fits_on_compute:
             assert plan.offloaded() == (), strategy
-    if isinstance(first, DoesNotFitError):
+    if isinstance(auto, DoesNotFitError):
         return
     for strategy in ("auto", "balanced"):
         assert_best_kv_capacity(plans[strategy], units, compute, budgets, tokens)
@@ -140,19 +141,19 @@ def assert_sequential_fills_in_order(plan, units, compute, budgets, tokens):
 
 
 def test_a_model_that_fits_on_the_gpus_alone_is_not_offloaded_even_with_cpu_and_disk():
-    plan = make_plan(real_profile("mixtral-8x7b"), MACHINES["2x80+cpu+disk"], Workload(1, 4096))
+    plan = make_plan(full_profile("mixtral-8x7b"), MACHINES["2x80+cpu+disk"], Workload(1, 4096))
     assert plan.offloaded() == ()
     assert all(is_accelerator(p.device) for p in plan.placements)
 
 
 def test_mixtral_8x7b_fits_on_4x24_gib_without_spilling_to_the_cpu_beside_them():
-    plan = make_plan(real_profile("mixtral-8x7b"), MACHINES["4x24+cpu"], Workload(1, 4096))
+    plan = make_plan(full_profile("mixtral-8x7b"), MACHINES["4x24+cpu"], Workload(1, 4096))
     assert plan.offloaded() == ()
     assert plan.sequences_that_fit > 1
 
 
 def test_llama_3_1_405b_on_8x80_gib_offloads_only_its_last_layers_and_streams_them_to_the_last_gpu():
-    plan = make_plan(real_profile("llama-3.1-405b"), MACHINES["8x80+cpu+disk"], Workload(1, 4096))
+    plan = make_plan(full_profile("llama-3.1-405b"), MACHINES["8x80+cpu+disk"], Workload(1, 4096))
     offloaded = [p.block for p in plan.offloaded()]
     assert offloaded[-1] == "lm_head" and "model.layers.125" in offloaded and len(offloaded) < 40
     assert {p.execution_device for p in plan.offloaded()} == {"cuda:7"}

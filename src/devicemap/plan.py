@@ -115,7 +115,8 @@ class Plan:
     def table(self) -> Table:
         """The per-device ledger as a rich table."""
         table = Table(title=f"{self.profile.name} · {self.profile.dtype} · {self.strategy}")
-        for column in ("device", "blocks", "weights", "buffers", "KV cache", "activations", "streaming", "budget", "free"):
+        columns = ("device", "blocks", "weights", "buffers", "KV cache", "activations", "streaming", "budget", "free")
+        for column in columns:
             table.add_column(column, justify="left" if column == "device" else "right")
         for row in self.ledger:
             table.add_row(

@@ -157,3 +157,4 @@ def test_llama_3_1_405b_on_8x80_gib_offloads_only_its_last_layers_and_streams_th
     offloaded = [p.block for p in plan.offloaded()]
     assert offloaded[-1] == "lm_head" and "model.layers.125" in offloaded and len(offloaded) < 40
     assert {p.execution_device for p in plan.offloaded()} == {"cuda:7"}
+    assert any(f"the last {len(offloaded)}" in reason and "execute on cuda:7" in reason for reason in plan.reasons)

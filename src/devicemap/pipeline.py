@@ -29,13 +29,14 @@ from pathlib import Path
 
 import psutil
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
 
 from .errors import DeviceMapError, PipelineError
 from .pipeline_launch import Workers
 from .pipeline_schedule import Request, Sampling
 from .pipeline_stages import RankBudgets, StagePlan, parse_rank_budgets, split_stages
 from .pipeline_worker import WorkerSpec, join, leave
+from .skeleton import load_config
 from .workload import Workload, dtype_name
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -92,7 +93,7 @@ class Pipeline:
         master_addr: str = "127.0.0.1",
     ):
         self.model = Path(model)
-        self.config = AutoConfig.from_pretrained(self.model)
+        self.config = load_config(self.model)
         self.stage_plan = plan_stages(
             self.model, stages, dtype=dtype, max_memory=max_memory, workload=workload, device=device
         )
@@ -328,7 +329,7 @@ def _generate_as_rank(model_path: Path, prompts: list[str], args) -> int:
     """One rank of a torchrun job: every rank tokenizes the same prompts; rank 0 prints."""
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     inputs = tokenize(tokenizer, prompts, args.chat)
-    config = AutoConfig.from_pretrained(model_path)
+    config = load_config(model_path)
     eos, pad = _generation_defaults(model_path, config)
     eos = _as_tuple(eos)
     spec = WorkerSpec(

@@ -70,15 +70,20 @@ class Workers:
 
     def __init__(self, spec: WorkerSpec, master_addr: str = "127.0.0.1"):
         self.spec = spec
-        self._listener = socket.create_server((master_addr, 0))
-        port = self._listener.getsockname()[1]
+        self._stopped: str | None = None
+        env_without_port = _worker_environment(spec, master_addr)
+        listener = socket.create_server((master_addr, 0))
+        port = listener.getsockname()[1]
+        # The store takes the listening socket over and closes it when the store goes.
         self._store = dist.TCPStore(
             master_addr, port, None, True, timeout=timedelta(seconds=spec.timeout_s),
-            wait_for_workers=False, master_listen_fd=self._listener.fileno(),
+            wait_for_workers=False, master_listen_fd=listener.detach(),
         )  # fmt: skip
-        env = _worker_environment(spec, master_addr, port)
-        self._ranks = [self._start(rank, spec, env) for rank in range(spec.stages)]
-        self._finalizer = weakref.finalize(self, _kill_and_reap, [r.process for r in self._ranks])
+        self._ranks: list[_Rank] = []
+        self._finalizer = weakref.finalize(self, _kill_and_reap, self._ranks)
+        env = {**env_without_port, "MASTER_PORT": str(port)}
+        for rank in range(spec.stages):
+            self._ranks.append(self._start(rank, spec, env))
 
     @property
     def pids(self) -> tuple[int, ...]:
@@ -107,6 +112,8 @@ class Workers:
 
     def generate(self, request: Request) -> list[list[int]]:
         """Send one request to every rank; rank 0's new tokens come back."""
+        if self._stopped is not None:
+            raise PipelineError(f"this pipeline has stopped ({self._stopped}); start a new one")
         line = json.dumps({"op": "generate", "request": request.to_json()})
         if not all([self._write(rank, line) for rank in self._ranks]):
             self._fail()
@@ -118,25 +125,27 @@ class Workers:
         for rank in self._ranks:
             if rank.process.poll() is None:
                 self._write(rank, json.dumps({"op": "close"}))
-            try:
-                rank.control.close()
-            except BrokenPipeError:
-                pass  # the rank has already gone; it is reaped below
+            _close_quietly(rank.control)
         deadline = time.monotonic() + _GRACE_S
         for rank in self._ranks:
             try:
                 rank.process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        self._shutdown()
+        self._shutdown("it was closed")
 
-    def _shutdown(self) -> None:
+    def kill(self) -> None:
+        """Stop every worker at once, without asking, and reap it."""
+        self._shutdown("it was killed")
+
+    def _shutdown(self, reason: str) -> None:
+        self._stopped = self._stopped or reason
         self._finalizer()
         for rank in self._ranks:
             if rank.reply_fd >= 0:
                 os.close(rank.reply_fd)
                 rank.reply_fd = -1
-        self._listener.close()
+        self._store = None
 
     def _write(self, rank: _Rank, line: str) -> bool:
         """Whether the line reached the rank's pipe (False when the rank has gone)."""
@@ -155,17 +164,21 @@ class Workers:
         """
         answers: dict[int, dict] = {}
         first_answer = None
-        while len(answers) < len(self._ranks):
-            arrived = self._poll()
-            if any("error" in message for _, message in arrived):
-                self._fail(arrived)
-            for rank, message in arrived:
-                answers[rank] = message[kind]
-                first_answer = first_answer or time.monotonic()
-            if any(r.rank not in answers and r.process.poll() is not None for r in self._ranks):
-                self._fail(arrived)
-            if timeout_s is not None and first_answer and time.monotonic() - first_answer > timeout_s:
-                self._fail(arrived)
+        try:
+            while len(answers) < len(self._ranks):
+                arrived = self._poll()
+                if any("error" in message for _, message in arrived):
+                    self._fail(arrived)
+                for rank, message in arrived:
+                    answers[rank] = message[kind]
+                    first_answer = first_answer or time.monotonic()
+                if any(r.rank not in answers and r.process.poll() is not None for r in self._ranks):
+                    self._fail(arrived)
+                if timeout_s is not None and first_answer and time.monotonic() - first_answer > timeout_s:
+                    self._fail(arrived)
+        except KeyboardInterrupt:
+            self._shutdown("it was interrupted")
+            raise
         return answers
 
     def _poll(self, timeout_s: float = _POLL_S) -> list[tuple[int, dict]]:
@@ -187,6 +200,8 @@ class Workers:
 
     def _fail(self, arrived: list[tuple[int, dict]] = ()) -> None:
         """Let the other ranks stop and report, kill what is left, reap all, and raise."""
+        for rank in self._ranks:
+            _close_quietly(rank.control)  # a rank waiting for requests sees the end of its pipe and leaves
         failures: dict[int, _Failure] = {}
         deadline = time.monotonic() + _GRACE_S
         while True:
@@ -197,25 +212,26 @@ class Workers:
             finished = [rank for rank in self._ranks if rank.process.poll() is not None and rank.reply_fd < 0]
             for rank in finished:
                 if rank.rank not in failures:
-                    failures[rank.rank] = _Failure(rank.rank, time.monotonic(), "died", _exit_text(rank.process))
+                    failures[rank.rank] = _exit_failure(rank)
             if len(finished) == len(self._ranks) or time.monotonic() > deadline:
                 break
             arrived = self._poll()
         for rank in self._ranks:
-            if rank.rank not in failures:
-                kind, text = ("hung", "stopped answering") if rank.process.poll() is None else ("died", _exit_text(rank.process))
-                failures[rank.rank] = _Failure(rank.rank, time.monotonic(), kind, text)
-        self._shutdown()
-        raise PipelineError(_diagnose(failures, self.spec.timeout_s))
+            if rank.rank not in failures and rank.process.poll() is None:
+                failures[rank.rank] = _Failure(rank.rank, time.monotonic(), "hung", "was still running and was killed")
+            elif rank.rank not in failures:
+                failures[rank.rank] = _exit_failure(rank)
+        message = _diagnose(failures, self.spec.timeout_s)
+        self._shutdown(message)
+        raise PipelineError(message)
 
 
-def _worker_environment(spec: WorkerSpec, master_addr: str, port: int) -> dict[str, str]:
+def _worker_environment(spec: WorkerSpec, master_addr: str) -> dict[str, str]:
     env = {
         **os.environ,
         "WORLD_SIZE": str(spec.stages),
         "LOCAL_WORLD_SIZE": str(spec.stages),
         "MASTER_ADDR": master_addr,
-        "MASTER_PORT": str(port),
         # the launcher hosts the store, as torchrun's agent does; every rank joins as a client
         "TORCHELASTIC_USE_AGENT_STORE": "True",
         "GLOO_SOCKET_IFNAME": interface_of(master_addr),
@@ -240,11 +256,20 @@ def interface_of(address: str) -> str:
     )
 
 
-def _exit_text(process: subprocess.Popen) -> str:
-    code = process.returncode
-    if code is not None and code < 0:
-        return f"killed by signal {signal.Signals(-code).name}"
-    return f"exited with code {code} without reporting an error"
+def _close_quietly(pipe) -> None:
+    try:
+        pipe.close()
+    except BrokenPipeError:
+        pass  # the rank has gone already; it is reaped with the others
+
+
+def _exit_failure(rank: _Rank) -> _Failure:
+    code = rank.process.returncode
+    if code == 0:
+        return _Failure(rank.rank, time.monotonic(), "stopped", "left when the launcher closed its pipe")
+    if code < 0:
+        return _Failure(rank.rank, time.monotonic(), "died", f"killed by signal {signal.Signals(-code).name}")
+    return _Failure(rank.rank, time.monotonic(), "died", f"exited with code {code} without reporting an error")
 
 
 def _diagnose(failures: dict[int, _Failure], timeout_s: float) -> str:
@@ -264,17 +289,21 @@ def _diagnose(failures: dict[int, _Failure], timeout_s: float) -> str:
         headline = f"rank {root.rank} died: {root.message}"
     else:
         headline = f"rank {root.rank} failed: {root.message}"
-    others = [f"rank {f.rank}: {f.message}" for f in sorted(failures.values(), key=lambda f: f.rank) if f is not root]
-    return f"pipeline stopped: {headline}" + (f". Then {'; '.join(others)}" if others else "")
+    others = [
+        failure.message if failure.kind == "peer" else f"rank {failure.rank}: {failure.message}"
+        for failure in sorted(failures.values(), key=lambda failure: failure.rank)
+        if failure is not root
+    ]
+    return f"pipeline stopped: {headline}" + (f". Then {'; '.join(others)}." if others else "")
 
 
-_SEVERITY = {"cause": 0, "died": 1, "hung": 2, "peer": 3}
+_SEVERITY = {"cause": 0, "died": 1, "hung": 2, "peer": 3, "stopped": 4}
 
 
-def _kill_and_reap(processes: list[subprocess.Popen]) -> None:
+def _kill_and_reap(ranks: list[_Rank]) -> None:
     """Kill every worker still running and wait for each, so none is left as a zombie."""
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-    for process in processes:
-        process.wait()
+    for rank in ranks:
+        if rank.process.poll() is None:
+            rank.process.kill()
+    for rank in ranks:
+        rank.process.wait()

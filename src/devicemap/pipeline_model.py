@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DummyLayer
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import CheckpointError, PipelineError
+from .skeleton import build_on_meta, load_config
 
 # Decoder-only architectures whose base model is exactly embed_tokens → layers → norm and
 # whose causal LM is exactly lm_head(hidden states): models that scale embeddings inside
@@ -112,17 +113,14 @@ def build_stage(
     >>> stage = build_stage(demo_model_path(), ("model.embed_tokens", "model.layers.0"), torch.device("cpu"))  # doctest: +SKIP
     """
     checkpoint = open_checkpoint(folder)
-    config = AutoConfig.from_pretrained(checkpoint.folder)
+    config = load_config(checkpoint.folder)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise PipelineError(
             f"model type {config.model_type!r} is not supported by the pipeline, which splits models whose "
             f"base model is embed_tokens → layers → norm followed by lm_head: {', '.join(SUPPORTED_MODEL_TYPES)}; "
             "run it with devicemap.load and a device map instead"
         )
-    dtype = dtype or _checkpoint_dtype(checkpoint)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
+    model = build_on_meta(config, dtype or _checkpoint_dtype(checkpoint)).eval()
     layout = _layout_of(model, blocks)
     _drop_other_stages(model, layout)
     _load_tensors(model, checkpoint, layout, device)

@@ -74,7 +74,7 @@ class StageLinks:
     def recv_hidden(self, batch: int, tokens: int, width: int, dtype: torch.dtype) -> torch.Tensor | None:
         """The next micro-batch's hidden states from the previous stage, or None if it finished."""
         header = torch.empty(_HEADER_VALUES, dtype=torch.int64, device=self.device)
-        self._recv(header, self.previous, "a header")
+        self._recv(header, self.previous, "hidden states")
         kind, *shape = header.tolist()
         if kind == _STOP:
             return None

@@ -1,0 +1,244 @@
+"""The pipeline: stages planned per rank, generation across processes identical to one process, faults.
+
+Every pipeline here runs real gloo worker processes with one thread each; a few are
+started per module and shared by the tests that only generate.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers.core_model_loading import revert_weight_conversion
+
+from devicemap.api import profile_of
+from devicemap.errors import DoesNotFitError, PipelineError
+from devicemap.pipeline import Pipeline, plan_stages, tokenize
+from devicemap.pipeline_stages import parse_rank_budgets, split_stages
+from devicemap.profile import Block, Profile
+from devicemap.shards import write_sharded
+
+PROMPTS = [
+    "What is machine learning?",
+    "Hi",
+    "Tell me a story about a dragon who",
+    "2+2=",
+    "The capital of France is",
+    "Why is the sky blue? Explain it to a child, in detail please",
+]
+# Ragged prompts for the random-weight models (no tokenizer): token ids of different lengths.
+RANDOM_PROMPTS = [[5, 17, 300, 42, 9], [7], [100, 200, 300], [11, 12, 13, 14, 15, 16, 17, 18], [3, 4]]
+
+
+def _save_qwen2(folder: Path) -> Path:
+    """A small random-weight Qwen2 model (sliding-window layer types, biases on q/k/v) saved in shards."""
+    config = Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    config.architectures = ["Qwen2ForCausalLM"]
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    folder.mkdir(parents=True)
+    write_sharded(folder, revert_weight_conversion(model, model.state_dict()), 2)
+    config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory) -> Path:
+    return _save_qwen2(tmp_path_factory.mktemp("pipeline") / "qwen2")
+
+
+@pytest.fixture(scope="module")
+def demo_pipe(demo_model):
+    with Pipeline(demo_model, stages=2, device="cpu", threads_per_stage=1, timeout_s=60) as pipe:
+        yield pipe
+
+
+@pytest.fixture(scope="module")
+def demo_reference(demo_model):
+    return AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def demo_batch(demo_model):
+    return tokenize(AutoTokenizer.from_pretrained(demo_model), PROMPTS)
+
+
+def _reference(model, input_ids, attention_mask, **options) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, **options)
+
+
+def _gone(pids) -> bool:
+    """Every process has exited and been reaped (a zombie would still exist)."""
+    return not any(psutil.pid_exists(pid) for pid in pids)
+
+
+# Stage planning: pure, no process.
+
+
+def test_stages_are_contiguous_cover_every_block_and_put_embedding_first_and_head_last(demo_model):
+    plan = plan_stages(demo_model, 3, max_memory=[2**30] * 3)
+    blocks = [name for stage in plan.stages for name in stage.blocks]
+    assert blocks == [block.name for block in profile_of(demo_model).blocks]
+    assert plan.stages[0].blocks[0] == "model.embed_tokens"
+    assert plan.stages[-1].blocks[-1] == "lm_head"
+
+
+def test_a_rank_with_a_larger_budget_gets_more_layers(demo_model):
+    profile = profile_of(demo_model)
+    small, large = split_stages(profile, [700 * 2**20, 2 * 2**30]).stages
+    assert len(large.blocks) > len(small.blocks) + 5
+    equal = split_stages(profile, [2**30, 2**30]).stages
+    assert abs(len(equal[0].blocks) - len(equal[1].blocks)) <= 2
+
+
+def test_a_tied_embedding_is_counted_on_the_first_and_the_last_stage(demo_model):
+    profile = profile_of(demo_model)
+    embedding = next(block.weight_bytes for block in profile.blocks if block.name == "model.embed_tokens")
+    first, last = split_stages(profile, [2**30, 2**30]).stages
+    layer_bytes = sum(block.weight_bytes for block in profile.blocks if block.name in last.blocks)
+    assert first.weight_bytes >= embedding
+    assert last.weight_bytes >= layer_bytes + embedding
+
+
+def test_stages_that_cannot_fit_say_what_is_needed_and_what_each_rank_has(demo_model):
+    with pytest.raises(DoesNotFitError, match=r"rank 0 100\.0 MiB, rank 1 100\.0 MiB.*more memory"):
+        plan_stages(demo_model, 2, max_memory="0=100MiB,1=100MiB")
+
+
+def test_a_rank_left_without_a_block_is_an_error_naming_it():
+    toy = Profile("toy", "float32", tuple(Block(f"layers.{i}", 10) for i in range(4)))
+    with pytest.raises(PipelineError, match=r"rank\(s\) 2 would hold no block"):
+        split_stages(toy, [30, 10, 1])
+
+
+def test_rank_budgets_name_ranks_of_the_pipeline_only():
+    assert parse_rank_budgets({0: "1GiB", "1": 500}, 2) == {0: 2**30, 1: 500}
+    with pytest.raises(PipelineError, match="'cpu', which is not a rank of this 2-stage pipeline"):
+        parse_rank_budgets("0=1GiB,cpu=2GiB", 2)
+
+
+# Generation: identical to the single-process model.
+
+
+def test_two_stages_greedy_equals_transformers_generate_on_a_ragged_batch(demo_pipe, demo_reference, demo_batch):
+    ids, mask = demo_batch["input_ids"], demo_batch["attention_mask"]
+    assert torch.equal(demo_pipe.generate(ids, mask, max_new_tokens=8), _reference(demo_reference, ids, mask, max_new_tokens=8))
+
+
+def test_sequences_that_hit_eos_early_continue_with_padding_as_in_generate(demo_pipe, demo_reference, demo_batch):
+    ids, mask = demo_batch["input_ids"], demo_batch["attention_mask"]
+    free_run = _reference(demo_reference, ids, mask, max_new_tokens=6, eos_token_id=None)
+    # The second token of each of the first micro-batch's rows becomes an EOS: that whole
+    # micro-batch stops after two steps while the other one goes on.
+    eos = sorted({int(token) for token in free_run[:3, ids.shape[1] + 1]})
+    expected = _reference(demo_reference, ids, mask, max_new_tokens=6, eos_token_id=eos)
+    assert (expected[:3, ids.shape[1] + 2 :] == demo_reference.generation_config.pad_token_id).all()
+    assert torch.equal(demo_pipe.generate(ids, mask, max_new_tokens=6, eos_token_id=eos), expected)
+
+
+def test_right_padding_and_token_lists_give_the_left_padded_result(demo_pipe, demo_batch):
+    ids, mask = demo_batch["input_ids"], demo_batch["attention_mask"]
+    rows = [row[row_mask.bool()].tolist() for row, row_mask in zip(ids, mask)]
+    right_ids = torch.tensor([row + [0] * (ids.shape[1] - len(row)) for row in rows])
+    right_mask = torch.tensor([[1] * len(row) + [0] * (ids.shape[1] - len(row)) for row in rows])
+    expected = demo_pipe.generate(ids, mask, max_new_tokens=4)
+    assert torch.equal(demo_pipe.generate(right_ids, right_mask, max_new_tokens=4), expected)
+    assert torch.equal(demo_pipe.generate(rows, max_new_tokens=4), expected)
+
+
+def test_sampling_with_a_seed_repeats_whatever_the_micro_batches_and_another_seed_differs(demo_pipe, demo_batch):
+    ids, mask = demo_batch["input_ids"], demo_batch["attention_mask"]
+    options = dict(max_new_tokens=6, do_sample=True, temperature=1.5, top_k=100, eos_token_id=[])
+    first = demo_pipe.generate(ids, mask, seed=7, **options)
+    assert torch.equal(demo_pipe.generate(ids, mask, seed=7, micro_batches=1, **options), first)
+    assert not torch.equal(demo_pipe.generate(ids, mask, seed=8, **options), first)
+
+
+def test_three_stages_of_the_demo_model_generate_text_like_transformers(demo_model, demo_reference, demo_batch):
+    ids, mask = demo_batch["input_ids"], demo_batch["attention_mask"]
+    with Pipeline(demo_model, stages=3, device="cpu", threads_per_stage=1, timeout_s=60) as pipe:
+        layers = [sum(name.startswith("model.layers.") for name in stage.blocks) for stage in pipe.stage_plan.stages]
+        assert layers == [10, 10, 10]
+        texts = pipe.generate_text(PROMPTS[:2], max_new_tokens=5)
+        output = pipe.generate(ids, mask, max_new_tokens=5, micro_batches=4)
+    assert torch.equal(output, _reference(demo_reference, ids, mask, max_new_tokens=5))
+    assert texts[0].strip().startswith("Machine learning")
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_a_qwen2_model_in_stages_equals_transformers_generate(qwen2, stages):
+    reference = AutoModelForCausalLM.from_pretrained(qwen2, dtype=torch.float32).eval()
+    with Pipeline(qwen2, stages=stages, device="cpu", threads_per_stage=1, timeout_s=60) as pipe:
+        output = pipe.generate(RANDOM_PROMPTS, max_new_tokens=7)
+    width = max(len(row) for row in RANDOM_PROMPTS)
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in RANDOM_PROMPTS])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in RANDOM_PROMPTS])
+    assert torch.equal(output, _reference(reference, ids, mask, max_new_tokens=7))
+
+
+# Faults: every rank stops, the error names the culprit, no process is left.
+
+
+def test_a_killed_worker_stops_the_pipeline_with_an_error_naming_it(random_model_folder):
+    pipe = Pipeline(random_model_folder("llama"), stages=2, device="cpu", threads_per_stage=1, timeout_s=60)
+    outcome = {}
+
+    def generate_for_long():
+        try:
+            pipe.generate(RANDOM_PROMPTS, max_new_tokens=100_000, eos_token_id=[])
+        except PipelineError as error:
+            outcome["error"] = error
+
+    worker = threading.Thread(target=generate_for_long)
+    worker.start()
+    threading.Event().wait(1.0)  # let the request reach the ranks
+    os.kill(pipe.pids[1], signal.SIGKILL)
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert "rank 1 died: killed by signal SIGKILL" in str(outcome["error"])
+    assert _gone(pipe.pids)
+
+
+def test_a_hung_worker_is_named_once_the_timeout_passes(random_model_folder):
+    pipe = Pipeline(random_model_folder("llama"), stages=2, device="cpu", threads_per_stage=1, timeout_s=3)
+    os.kill(pipe.pids[1], signal.SIGSTOP)
+    with pytest.raises(PipelineError, match=r"rank 1 stopped answering for more than the 3 s timeout"):
+        pipe.generate(RANDOM_PROMPTS, max_new_tokens=4)
+    assert _gone(pipe.pids)
+
+
+def test_a_rank_that_fails_to_load_stops_every_rank_with_its_error(random_model_folder, tmp_path):
+    folder = tmp_path / "broken"
+    source = AutoModelForCausalLM.from_pretrained(random_model_folder("llama"), dtype=torch.float32)
+    state = source.state_dict()
+    state["model.layers.5.mlp.down_proj.weight"] = torch.zeros(3, 3)
+    folder.mkdir()
+    write_sharded(folder, state, 2)
+    source.config.save_pretrained(folder)
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    with pytest.raises(PipelineError, match=r"rank 1 failed: .*model\.layers\.5\.mlp\.down_proj\.weight expects"):
+        Pipeline(folder, stages=2, device="cpu", threads_per_stage=1, timeout_s=60)
+    assert {child.pid for child in psutil.Process().children(recursive=True)} <= before
+
+
+def test_torchrun_runs_the_same_rank_entry_point_through_the_command_line(demo_model, demo_pipe):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "devicemap", "generate", str(demo_model), "What is machine learning?", "--pipeline", "2",
+        "--max-new-tokens", "6",
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert demo_pipe.generate_text(["What is machine learning?"], max_new_tokens=6)[0] in finished.stdout

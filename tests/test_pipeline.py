@@ -78,6 +78,10 @@ def _reference(model, input_ids, attention_mask, **options) -> torch.Tensor:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, **options)
 
 
+def _layers(stage) -> int:
+    return sum(name.startswith("model.layers.") for name in stage.blocks)
+
+
 def _gone(pids) -> bool:
     """Every process has exited and been reaped (a zombie would still exist)."""
     return not any(psutil.pid_exists(pid) for pid in pids)
@@ -94,12 +98,15 @@ def test_stages_are_contiguous_cover_every_block_and_put_embedding_first_and_hea
     assert plan.stages[-1].blocks[-1] == "lm_head"
 
 
-def test_a_rank_with_a_larger_budget_gets_more_layers(demo_model):
-    profile = profile_of(demo_model)
-    small, large = split_stages(profile, [700 * 2**20, 2 * 2**30]).stages
-    assert len(large.blocks) > len(small.blocks) + 5
-    equal = split_stages(profile, [2**30, 2**30]).stages
-    assert abs(len(equal[0].blocks) - len(equal[1].blocks)) <= 2
+def test_stages_balance_decode_work_so_the_stage_with_the_head_holds_fewer_layers(demo_model):
+    first, last = split_stages(profile_of(demo_model), [2**30, 2**30]).stages
+    assert _layers(first) == 18 and _layers(last) == 12
+
+
+def test_a_rank_with_a_tight_budget_gets_fewer_layers_and_the_other_takes_the_rest(demo_model):
+    small, large = split_stages(profile_of(demo_model), [350 * 2**20, 2 * 2**30]).stages
+    assert small.used_bytes <= small.budget_bytes
+    assert _layers(small) < 10 and _layers(small) + _layers(large) == 30
 
 
 def test_a_tied_embedding_is_counted_on_the_first_and_the_last_stage(demo_model):
@@ -116,10 +123,11 @@ def test_stages_that_cannot_fit_say_what_is_needed_and_what_each_rank_has(demo_m
         plan_stages(demo_model, 2, max_memory="0=100MiB,1=100MiB")
 
 
-def test_a_rank_left_without_a_block_is_an_error_naming_it():
+def test_every_rank_gets_a_block_and_more_ranks_than_blocks_is_an_error():
     toy = Profile("toy", "float32", tuple(Block(f"layers.{i}", 10) for i in range(4)))
-    with pytest.raises(PipelineError, match=r"rank\(s\) 2 would hold no block"):
-        split_stages(toy, [30, 10, 1])
+    assert [len(stage.blocks) for stage in split_stages(toy, [100, 100, 100, 100]).stages] == [1, 1, 1, 1]
+    with pytest.raises(PipelineError, match="toy has 4 blocks, which cannot make 5 non-empty stages"):
+        split_stages(toy, [100] * 5)
 
 
 def test_rank_budgets_name_ranks_of_the_pipeline_only():
@@ -168,18 +176,15 @@ def test_sampling_with_a_seed_repeats_whatever_the_micro_batches_and_another_see
 def test_three_stages_of_the_demo_model_generate_text_like_transformers(demo_model, demo_reference, demo_batch):
     ids, mask = demo_batch["input_ids"], demo_batch["attention_mask"]
     with Pipeline(demo_model, stages=3, device="cpu", threads_per_stage=1, timeout_s=60) as pipe:
-        layers = [sum(name.startswith("model.layers.") for name in stage.blocks) for stage in pipe.stage_plan.stages]
-        assert layers == [10, 10, 10]
         texts = pipe.generate_text(PROMPTS[:2], max_new_tokens=5)
         output = pipe.generate(ids, mask, max_new_tokens=5, micro_batches=4)
     assert torch.equal(output, _reference(demo_reference, ids, mask, max_new_tokens=5))
     assert texts[0].strip().startswith("Machine learning")
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-def test_a_qwen2_model_in_stages_equals_transformers_generate(qwen2, stages):
+def test_three_stages_of_a_qwen2_model_equal_transformers_generate(qwen2):
     reference = AutoModelForCausalLM.from_pretrained(qwen2, dtype=torch.float32).eval()
-    with Pipeline(qwen2, stages=stages, device="cpu", threads_per_stage=1, timeout_s=60) as pipe:
+    with Pipeline(qwen2, stages=3, device="cpu", threads_per_stage=1, timeout_s=60) as pipe:
         output = pipe.generate(RANDOM_PROMPTS, max_new_tokens=7)
     width = max(len(row) for row in RANDOM_PROMPTS)
     ids = torch.tensor([[0] * (width - len(row)) + row for row in RANDOM_PROMPTS])

@@ -1,14 +1,14 @@
-"""Pipeline stages: the contiguous run of blocks each rank holds, from the same exact planner.
+"""Pipeline stages: the contiguous run of blocks each rank holds.
 
-Every rank is one computing device with its own budget. The planner's balanced strategy
-splits the model into one contiguous run per rank, maximising the batch × tokens of KV
-cache that fit before any rank runs out, with each rank's KV cache and activations
-reserved for the workload. Weights tied across stages (an embedding reused as the
-output head) are held by each stage that computes with them, so they are counted on both.
+Every rank is one computing device with its own budget, and must hold its blocks'
+weights with the workload's KV cache and activations, priced by the planner's own
+ledger. A pipeline runs as fast as its slowest stage, so among the splits that fit, the
+one whose slowest stage reads the fewest bytes per decode step wins: an output head is
+as costly as several layers, an embedding lookup costs almost nothing. Weights tied
+across stages (an embedding reused as the head) are held by both stages that use them.
 """
 
 import io
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import DoesNotFitError, PipelineError
-from .ledger import DeviceLoad, price_units
-from .planner import make_plan
+from .ledger import DeviceLoad, Unit, price_units
+from .plan import Placement, Plan
 from .profile import Profile
 from .units import format_size, parse_size
 from .workload import Workload
@@ -96,43 +96,118 @@ class StagePlan:
 
 
 def split_stages(profile: Profile, rank_budgets: Sequence[int], workload: Workload | None = None) -> StagePlan:
-    """Split ``profile`` into one contiguous stage per rank; pure, like the planner.
+    """Split ``profile`` into one contiguous, non-empty stage per rank; pure, like the planner.
 
-    ``rank_budgets`` are bytes per rank, in rank order.
+    ``rank_budgets`` are bytes per rank, in rank order. Each rank must hold its blocks'
+    weights and the workload's KV cache and activations, priced as the planner prices
+    them; among the splits that fit, the one whose slowest stage reads the fewest bytes
+    per decode step is chosen exactly (binary search on that limit, each rank in turn
+    taking the longest run that fits under it while leaving a block for every later rank).
 
     >>> from devicemap.profile import Block, Profile
-    >>> toy = Profile("toy", "float32", tuple(Block(f"layers.{i}", 10) for i in range(6)))
-    >>> [stage.blocks for stage in split_stages(toy, [40, 20]).stages]
-    [('layers.0', 'layers.1', 'layers.2', 'layers.3'), ('layers.4', 'layers.5')]
+    >>> layers = tuple(Block(f"layers.{i}", 10) for i in range(4))
+    >>> toy = Profile("toy", "float32", (Block("embed", 20), *layers, Block("head", 20)))
+    >>> [stage.blocks for stage in split_stages(toy, [100, 100]).stages]
+    [('embed', 'layers.0', 'layers.1', 'layers.2'), ('layers.3', 'head')]
     """
-    if len(rank_budgets) < 1:
-        raise PipelineError("a pipeline needs at least one rank; give one budget per rank")
+    if len(rank_budgets) > len(profile.blocks) or not rank_budgets:
+        raise PipelineError(
+            f"{profile.name} has {len(profile.blocks)} blocks, which cannot make {len(rank_budgets)} non-empty "
+            "stages; use between 1 stage and as many stages as blocks"
+        )
     staged = _copy_tied_weights(profile) if len(rank_budgets) > 1 else profile
-    budgets = {_rank_device(rank): budget for rank, budget in enumerate(rank_budgets)}
-    try:
-        plan = make_plan(staged, budgets, workload, "balanced", offload=False)
-    except DoesNotFitError:
-        raise _does_not_fit(staged, rank_budgets, workload) from None
+    workload = (workload or Workload()).resolve(staged.max_context, staged.dtype)
+    units = price_units(staged, workload)
+    step_bytes = [_step_bytes(unit, index, workload) for index, unit in enumerate(units)]
+    groups = _balance(units, step_bytes, rank_budgets, workload)
+    if groups is None:
+        raise _does_not_fit(staged, rank_budgets, workload)
+    placements = tuple(
+        Placement(block.name, _rank_device(rank), _rank_device(rank))
+        for rank, group in enumerate(groups)
+        for index in group
+        for block in units[index].blocks
+    )
+    budgets = tuple((_rank_device(rank), budget) for rank, budget in enumerate(rank_budgets))
+    slowest = max(sum(step_bytes[index] for index in group) for group in groups)
+    reason = (
+        f"stages balance the bytes a decode step reads (weights, the embedding lookup aside, and the KV cache "
+        f"at half the workload's length): the slowest reads {format_size(slowest)} of "
+        f"{format_size(sum(step_bytes))} in all"
+    )
+    plan = Plan(staged, workload, budgets, "pipeline", placements, (reason,))
+    return StagePlan(staged, workload, _stages(plan, rank_budgets), plan.reasons + (_capacity_reason(plan),))
+
+
+def _step_bytes(unit: Unit, index: int, workload: Workload) -> int:
+    """What one decode step reads in a unit: its weights and, on average, half its KV cache.
+
+    The first block of a decoder-only model embeds token ids: a lookup of one row per token.
+    """
+    weights = 0 if index == 0 else unit.weight_bytes
+    return weights + round(unit.kv_bytes_per_token * workload.batch_size * workload.max_tokens / 2)
+
+
+def _balance(units: list[Unit], step_bytes: list[int], rank_budgets: Sequence[int], workload: Workload):
+    """Index groups, one per rank, minimising the largest group's step bytes; None if none fits."""
+    tokens = workload.batch_size * workload.max_tokens
+    low, high = max(step_bytes), sum(step_bytes)
+    if _pack(units, step_bytes, rank_budgets, tokens, high) is None:
+        return None
+    while low < high:
+        middle = (low + high) // 2
+        if _pack(units, step_bytes, rank_budgets, tokens, middle) is None:
+            low = middle + 1
+        else:
+            high = middle
+    return _pack(units, step_bytes, rank_budgets, tokens, high)
+
+
+def _pack(units, step_bytes, rank_budgets, tokens, limit) -> list[list[int]] | None:
+    """Each rank in turn takes the longest run within its budget and ``limit``, leaving one unit per later rank."""
+    groups, index = [], 0
+    for rank, budget in enumerate(rank_budgets):
+        later_ranks = len(rank_budgets) - rank - 1
+        load, group, read = DeviceLoad(budget, tokens), [], 0
+        while (
+            index < len(units) - later_ranks
+            and (not group or read + step_bytes[index] <= limit)
+            and load.would_fit(units[index], tokens)
+        ):
+            load.store(units[index])
+            load.execute(units[index])
+            read += step_bytes[index]
+            group.append(index)
+            index += 1
+        if not group or read > limit:
+            return None
+        groups.append(group)
+    return groups if index == len(units) else None
+
+
+def _stages(plan: Plan, rank_budgets: Sequence[int]) -> tuple[Stage, ...]:
     rows = {row.device: row for row in plan.ledger}
-    stages = tuple(
+    return tuple(
         Stage(
             rank=rank,
             blocks=tuple(p.block for p in plan.placements if p.device == _rank_device(rank)),
             weight_bytes=rows[_rank_device(rank)].weight_bytes + rows[_rank_device(rank)].buffer_bytes,
             kv_bytes=rows[_rank_device(rank)].kv_bytes,
             activation_bytes=rows[_rank_device(rank)].activation_bytes,
-            budget_bytes=budgets[_rank_device(rank)],
+            budget_bytes=budget,
         )
-        for rank in range(len(rank_budgets))
+        for rank, budget in enumerate(rank_budgets)
     )
-    idle = [stage.rank for stage in stages if not stage.blocks]
-    if idle:
-        raise PipelineError(
-            f"rank(s) {', '.join(map(str, idle))} would hold no block of {profile.name} "
-            f"({len(profile.blocks)} blocks over {len(rank_budgets)} ranks with budgets "
-            f"{_describe(rank_budgets)}); use fewer stages or give those ranks more memory"
-        )
-    return StagePlan(staged, plan.workload, stages, tuple(_in_rank_terms(reason) for reason in plan.reasons))
+
+
+def _capacity_reason(plan: Plan) -> str:
+    capacity = plan.kv_token_capacity
+    if capacity == float("inf"):
+        return "nothing is cached per token; the budgets bound only weights and activations"
+    return (
+        f"{capacity:,.0f} batch×tokens of KV cache fit before the first rank runs out "
+        f"({capacity / (plan.workload.batch_size * plan.workload.max_tokens):.2f}× the workload)"
+    )
 
 
 def parse_rank_budgets(max_memory: RankBudgets | None, stages: int) -> dict[int, int]:
@@ -188,8 +263,7 @@ def _copy_tied_weights(profile: Profile) -> Profile:
     return replace(profile, blocks=blocks, tied=())
 
 
-def _does_not_fit(profile: Profile, rank_budgets: Sequence[int], workload: Workload | None) -> DoesNotFitError:
-    workload = (workload or Workload()).resolve(profile.max_context, profile.dtype)
+def _does_not_fit(profile: Profile, rank_budgets: Sequence[int], workload: Workload) -> DoesNotFitError:
     total = DeviceLoad(0, workload.batch_size * workload.max_tokens)
     for unit in price_units(profile, workload):
         total.store(unit)
@@ -206,10 +280,6 @@ def _does_not_fit(profile: Profile, rank_budgets: Sequence[int], workload: Workl
 def _rank_device(rank: int) -> str:
     # The planner plans over named computing devices; each rank stands in as one.
     return f"cuda:{rank}"
-
-
-def _in_rank_terms(text: str) -> str:
-    return re.sub(r"cuda:(\d+)", r"rank \1", text)
 
 
 def _describe(rank_budgets: Sequence[int]) -> str:

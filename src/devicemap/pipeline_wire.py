@@ -9,6 +9,7 @@ answering becomes a :class:`PeerLostError` naming it.
 """
 
 from collections import deque
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,11 @@ class StageLinks:
 
     Sends are asynchronous, so a stage computes its next micro-batch while the last one
     is still on the wire; their buffers stay referenced until the send completes.
-    With a single stage the token ring is a local queue.
+    Tokens travel in their own process group: with NCCL, operations between one pair of
+    ranks are ordered on one stream, and with two stages hidden states (0 → 1) and tokens
+    (1 → 0) would otherwise queue behind each other. With a single stage the token ring
+    is a local queue. Every rank must create its links at the same point (the token group
+    is made collectively).
 
     >>> links = StageLinks(rank=0, world_size=1, device=torch.device("cpu"), timeout_s=60)
     >>> links.send_tokens(torch.tensor([5, 7]), keep_going=True)
@@ -48,6 +53,8 @@ class StageLinks:
         self.timeout_s = timeout_s
         self._pending: list[tuple[dist.Work, int, torch.Tensor]] = []
         self._local_tokens: deque[torch.Tensor] = deque()
+        timeout = timedelta(seconds=timeout_s)
+        self._token_group = dist.new_group([0, world_size - 1], timeout=timeout) if world_size > 1 else None
 
     @property
     def previous(self) -> int:
@@ -94,7 +101,7 @@ class StageLinks:
         if self.world_size == 1:
             self._local_tokens.append(message)
             return
-        self._send(message, 0)
+        self._send(message, 0, self._token_group)
 
     def recv_tokens(self, batch: int) -> tuple[torch.Tensor, bool]:
         """At stage 0: the tokens the last stage sampled for the next micro-batch, and whether it continues."""
@@ -102,7 +109,7 @@ class StageLinks:
             message = self._local_tokens.popleft()
         else:
             message = torch.empty(batch + 1, dtype=torch.int64, device=self.device)
-            self._recv(message, self.last, "sampled tokens")
+            self._recv(message, self.last, "sampled tokens", self._token_group)
         return message[:batch], bool(message[batch].item())
 
     def flush(self) -> None:
@@ -114,18 +121,18 @@ class StageLinks:
     def _header(self, kind: int, batch: int, tokens: int, width: int) -> torch.Tensor:
         return torch.tensor([kind, batch, tokens, width], dtype=torch.int64, device=self.device)
 
-    def _send(self, tensor: torch.Tensor, peer: int) -> None:
+    def _send(self, tensor: torch.Tensor, peer: int, group: dist.ProcessGroup | None = None) -> None:
         self._pending = [entry for entry in self._pending if not entry[0].is_completed()]
         try:
-            work = dist.isend(tensor, peer)
+            work = dist.isend(tensor, peer, group=group)
         except RuntimeError as error:
             raise self._lost(peer, "sending to", error) from None
         self._pending.append((work, peer, tensor))
 
-    def _recv(self, tensor: torch.Tensor, peer: int, what: str) -> None:
+    def _recv(self, tensor: torch.Tensor, peer: int, what: str, group: dist.ProcessGroup | None = None) -> None:
         doing = f"receiving {what} from"
         try:
-            work = dist.irecv(tensor, peer)
+            work = dist.irecv(tensor, peer, group=group)
         except RuntimeError as error:
             raise self._lost(peer, doing, error) from None
         self._wait(work, peer, doing)

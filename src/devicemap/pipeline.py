@@ -29,11 +29,13 @@ from pathlib import Path
 
 import psutil
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from rich.console import Console
+from transformers import AutoTokenizer
 
-from .errors import DeviceMapError, PipelineError
+from .errors import PipelineError
 from .pipeline_launch import Workers
-from .pipeline_schedule import Request, Sampling
+from .pipeline_requests import build_request, special_tokens, tokenize
+from .pipeline_schedule import Sampling
 from .pipeline_stages import RankBudgets, StagePlan, parse_rank_budgets, split_stages
 from .pipeline_worker import WorkerSpec, join, leave
 from .skeleton import load_config
@@ -41,7 +43,7 @@ from .workload import Workload, dtype_name
 
 DEFAULT_TIMEOUT_S = 300.0
 
-__all__ = ["Pipeline", "StagePlan", "generate", "generate_cli", "plan_stages"]
+__all__ = ["Pipeline", "StagePlan", "generate", "generate_cli", "plan_stages", "tokenize"]
 
 
 def plan_stages(
@@ -139,15 +141,11 @@ class Pipeline:
         >>> pipe.generate([[1, 2, 3], [4]], max_new_tokens=8).shape  # doctest: +SKIP
         torch.Size([2, 11])
         """
-        if max_new_tokens < 1:
-            raise DeviceMapError(f"max_new_tokens {max_new_tokens} must be at least 1")
-        defaults = _generation_defaults(self.model, self.config)
-        eos = _as_tuple(defaults[0] if eos_token_id is None else eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else defaults[1] if defaults[1] is not None else (eos or (0,))[0]
-        ids, mask = _left_padded(input_ids, attention_mask, pad, self.config.vocab_size)
-        request = Request(
-            input_ids=ids,
-            attention_mask=mask,
+        eos, pad = special_tokens(self.model, self.config, eos_token_id, pad_token_id)
+        request = build_request(
+            input_ids,
+            attention_mask,
+            vocab_size=self.config.vocab_size,
             max_new_tokens=max_new_tokens,
             eos_token_ids=eos,
             pad_token_id=pad,
@@ -155,7 +153,7 @@ class Pipeline:
             sampling=Sampling(**sampling),
         )
         new_tokens = torch.tensor(self._workers.generate(request), dtype=torch.int64)
-        return torch.cat([ids, new_tokens], dim=1)
+        return torch.cat([request.input_ids, new_tokens], dim=1)
 
     def generate_text(self, prompts: Sequence[str], *, max_new_tokens: int = 20, chat: bool = False, **options) -> list[str]:
         """Generate a continuation of each prompt; ``chat`` wraps them in the model's chat template.
@@ -205,19 +203,6 @@ def generate(
 _PIPELINE_OPTIONS = ("dtype", "max_memory", "workload", "device", "threads_per_stage", "timeout_s", "master_addr")
 
 
-def tokenize(tokenizer, prompts: Sequence[str], chat: bool = False) -> dict[str, torch.Tensor]:
-    """Left-padded token ids and mask for ``prompts``, in the chat template when ``chat``."""
-    if chat:
-        prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=not chat)
-
-
 def _device_kind(device: str, stages: int) -> str:
     if stages < 1:
         raise PipelineError(f"a pipeline needs at least 1 stage, not {stages}")
@@ -247,82 +232,22 @@ def _rank_budgets(max_memory: RankBudgets | None, stages: int, kind: str) -> lis
     return budgets
 
 
-def _generation_defaults(model: Path, config) -> tuple[int | list[int] | None, int | None]:
-    """The model's EOS token id(s) and pad token id, from generation_config.json or config.json."""
-    try:
-        generation = GenerationConfig.from_pretrained(model)
-    except OSError:
-        generation = GenerationConfig.from_model_config(config)
-    return generation.eos_token_id, generation.pad_token_id
-
-
-def _as_tuple(token_ids: int | Sequence[int] | None) -> tuple[int, ...]:
-    if token_ids is None:
-        return ()
-    if isinstance(token_ids, int):
-        return (token_ids,)
-    return tuple(int(token) for token in token_ids)
-
-
-def _left_padded(
-    input_ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None, pad: int, vocab_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and mask with every row's real tokens at the right end, as ``generate`` wants them."""
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.ndim != 2:
-            raise DeviceMapError(f"input_ids has shape {list(input_ids.shape)}; pass [batch, tokens]")
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.int64)
-        if mask.shape != input_ids.shape:
-            raise DeviceMapError(
-                f"attention_mask has shape {list(mask.shape)} but input_ids has {list(input_ids.shape)}; they must match"
-            )
-        if _is_left_padded(mask):
-            rows = None
-        else:
-            rows = [ids[row_mask.bool()].tolist() for ids, row_mask in zip(input_ids, mask)]
-    else:
-        rows = [list(row) for row in input_ids]
-    if rows is not None:
-        if not rows or any(len(row) == 0 for row in rows):
-            raise DeviceMapError("every prompt needs at least one token; an empty prompt has nothing to continue")
-        width = max(len(row) for row in rows)
-        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], dtype=torch.int64)
-        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.int64)
-    input_ids = input_ids.to(torch.int64)
-    real = input_ids[mask.bool()]
-    if real.numel() and (real.min() < 0 or real.max() >= vocab_size):
-        bad = real[(real < 0) | (real >= vocab_size)][0].item()
-        raise DeviceMapError(f"token id {bad} is outside the model's vocabulary of {vocab_size} tokens")
-    return input_ids, mask
-
-
-def _is_left_padded(mask: torch.Tensor) -> bool:
-    """Every row is zeros then ones, with at least one one."""
-    return bool((mask[:, -1] == 1).all() and (mask[:, 1:] >= mask[:, :-1]).all())
-
-
 def generate_cli(model_path: Path, prompts: list[str], args) -> int:
-    """``devicemap generate ... --pipeline N``: on one machine, or as one rank under torchrun."""
+    """``devicemap generate ... --pipeline N``: N processes started here, or this process as one rank under torchrun."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _generate_as_rank(model_path, prompts, args)
-    from rich.console import Console
-
     console = Console(stderr=True, highlight=False)
-    with Pipeline(
-        model_path, args.pipeline, dtype=args.dtype, max_memory=args.max_memory, workload=_cli_workload(model_path, prompts, args)
-    ) as pipe:
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    inputs = tokenize(tokenizer, prompts, args.chat)
+    workload = Workload(len(prompts), inputs["input_ids"].shape[1] + args.max_new_tokens)
+    with Pipeline(model_path, args.pipeline, dtype=args.dtype, max_memory=args.max_memory, workload=workload) as pipe:
         console.print(pipe.stage_plan.table())
         started = time.perf_counter()
-        texts = pipe.generate_text(prompts, max_new_tokens=args.max_new_tokens, chat=args.chat)
+        output = pipe.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=args.max_new_tokens)
         elapsed = time.perf_counter() - started
-    _print_texts(console, pipe.tokenizer, texts, elapsed)
+    _, pad = special_tokens(model_path, pipe.config)
+    _print_generated(console, tokenizer, output[:, inputs["input_ids"].shape[1] :], pad, elapsed)
     return 0
-
-
-def _cli_workload(model_path: Path, prompts: list[str], args) -> Workload:
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompt_tokens = tokenize(tokenizer, prompts, args.chat)["input_ids"].shape[1]
-    return Workload(len(prompts), prompt_tokens + args.max_new_tokens)
 
 
 def _generate_as_rank(model_path: Path, prompts: list[str], args) -> int:
@@ -330,24 +255,25 @@ def _generate_as_rank(model_path: Path, prompts: list[str], args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     inputs = tokenize(tokenizer, prompts, args.chat)
     config = load_config(model_path)
-    eos, pad = _generation_defaults(model_path, config)
-    eos = _as_tuple(eos)
+    eos, pad = special_tokens(model_path, config)
     spec = WorkerSpec(
         model=str(model_path),
         stages=args.pipeline,
         dtype=dtype_name(args.dtype) if args.dtype else None,
-        workload=_cli_workload(model_path, prompts, args),
+        workload=Workload(len(prompts), inputs["input_ids"].shape[1] + args.max_new_tokens),
         timeout_s=DEFAULT_TIMEOUT_S,
         device="cuda" if torch.cuda.is_available() else "cpu",
         budgets=tuple(parse_rank_budgets(args.max_memory, args.pipeline).items()),
     )
-    request = Request(
-        input_ids=inputs["input_ids"],
-        attention_mask=inputs["attention_mask"],
+    request = build_request(
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        vocab_size=config.vocab_size,
         max_new_tokens=args.max_new_tokens,
         eos_token_ids=eos,
-        pad_token_id=pad if pad is not None else (eos or (0,))[0],
+        pad_token_id=pad,
         micro_batches=args.pipeline,
+        sampling=Sampling(),
     )
     rank = join(spec)
     try:
@@ -357,15 +283,14 @@ def _generate_as_rank(model_path: Path, prompts: list[str], args) -> int:
     finally:
         leave()
     if new_tokens is not None:
-        from rich.console import Console
-
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        _print_texts(Console(stderr=True, highlight=False), tokenizer, texts, elapsed)
+        console = Console(stderr=True, highlight=False)
+        console.print(rank.stage_plan.table())
+        _print_generated(console, tokenizer, new_tokens, pad, elapsed)
     return 0
 
 
-def _print_texts(console, tokenizer, texts: list[str], elapsed: float) -> None:
-    for text in texts:
+def _print_generated(console: Console, tokenizer, new_tokens: torch.Tensor, pad: int, elapsed: float) -> None:
+    for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
         print(text)
-    generated = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+    generated = int((new_tokens != pad).sum())
     console.print(f"\n{generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tokens/s")

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from .errors import DeviceMapError, PipelineError
 from .pipeline_model import StageModel, build_stage
 from .pipeline_schedule import Request, run_request
-from .pipeline_stages import split_stages
+from .pipeline_stages import StagePlan, split_stages
 from .pipeline_wire import PeerLostError, StageLinks
 from .workload import Workload
 
@@ -72,12 +72,16 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class Rank:
-    """A joined rank with its stage and links, ready for requests."""
+    """A joined rank with its stage and links, ready for requests.
+
+    ``stage_plan`` is the plan the ranks made together, or None when the launcher made it.
+    """
 
     rank: int
     world_size: int
     stage: StageModel
     links: StageLinks
+    stage_plan: StagePlan | None = None
 
     def generate(self, request: Request) -> torch.Tensor | None:
         """Run one request with the other ranks; rank 0 returns the new tokens."""
@@ -99,10 +103,11 @@ def join(spec: WorkerSpec) -> Rank:
         dist.init_process_group("nccl", init_method="env://", timeout=timeout, device_id=device)
     else:
         dist.init_process_group("gloo", init_method="env://", timeout=timeout)
-    blocks = spec.blocks[rank] if spec.blocks is not None else _plan_together(spec, rank, device)
+    stage_plan = None if spec.blocks is not None else _plan_together(spec, device)
+    blocks = spec.blocks[rank] if stage_plan is None else stage_plan.blocks_of(rank)
     dtype = getattr(torch, spec.dtype) if spec.dtype else None
     stage = build_stage(spec.model, blocks, device, dtype)
-    return Rank(rank, world_size, stage, StageLinks(rank, world_size, device, spec.timeout_s))
+    return Rank(rank, world_size, stage, StageLinks(rank, world_size, device, spec.timeout_s), stage_plan)
 
 
 def leave() -> None:
@@ -127,7 +132,7 @@ def _environment_ranks(spec: WorkerSpec) -> tuple[int, int, int]:
     return rank, world_size, int(os.environ.get("LOCAL_RANK", rank))
 
 
-def _plan_together(spec: WorkerSpec, rank: int, device: torch.device) -> tuple[str, ...]:
+def _plan_together(spec: WorkerSpec, device: torch.device) -> StagePlan:
     """Every rank shares its budget and computes the same plan from the same numbers."""
     from .api import profile_of
 
@@ -135,7 +140,7 @@ def _plan_together(spec: WorkerSpec, rank: int, device: torch.device) -> tuple[s
     for given_rank, budget in spec.budgets:
         budgets[given_rank] = budget
     profile = profile_of(spec.model, spec.dtype)
-    return split_stages(profile, budgets, spec.workload).blocks_of(rank)
+    return split_stages(profile, budgets, spec.workload)
 
 
 def _local_budget(device: torch.device) -> int:

@@ -192,6 +192,12 @@ def test_three_stages_of_a_qwen2_model_equal_transformers_generate(qwen2):
     assert torch.equal(output, _reference(reference, ids, mask, max_new_tokens=7))
 
 
+def test_the_store_and_every_rank_listen_on_loopback_only(demo_pipe):
+    for process in [psutil.Process(), *(psutil.Process(pid) for pid in demo_pipe.pids)]:
+        listening = [c.laddr.ip for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        assert listening and set(listening) == {"127.0.0.1"}, process.pid
+
+
 # Faults: every rank stops, the error names the culprit, no process is left.
 
 
@@ -235,6 +241,35 @@ def test_a_rank_that_fails_to_load_stops_every_rank_with_its_error(random_model_
     with pytest.raises(PipelineError, match=r"rank 1 failed: .*model\.layers\.5\.mlp\.down_proj\.weight expects"):
         Pipeline(folder, stages=2, device="cpu", threads_per_stage=1, timeout_s=60)
     assert {child.pid for child in psutil.Process().children(recursive=True)} <= before
+
+
+def test_workers_exit_when_their_launcher_is_killed(random_model_folder):
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCH_AND_WAIT, str(random_model_folder("llama"))], stdout=subprocess.PIPE, text=True
+    )
+    pids = [int(pid) for pid in launcher.stdout.readline().split()]
+    launcher.kill()
+    launcher.wait()
+    for pid in pids:
+        _wait_until_exited(pid)
+
+
+_LAUNCH_AND_WAIT = """
+import sys, time
+from devicemap.pipeline import Pipeline
+pipe = Pipeline(sys.argv[1], stages=2, device="cpu", threads_per_stage=1)
+print(*pipe.pids, flush=True)
+time.sleep(600)
+"""
+
+
+def _wait_until_exited(pid: int, limit_s: float = 30) -> None:
+    try:
+        psutil.Process(pid).wait(limit_s)
+    except psutil.NoSuchProcess:
+        return
+    except psutil.TimeoutExpired:
+        pytest.fail(f"worker {pid} still runs {limit_s} s after its launcher was killed")
 
 
 def test_torchrun_runs_the_same_rank_entry_point_through_the_command_line(demo_model, demo_pipe):

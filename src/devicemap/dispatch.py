@@ -1,0 +1,409 @@
+"""Run a model placed across devices: hooks at block boundaries, offloaded weights fetched ahead.
+
+Every block of a plan gets one forward pre-hook that moves its inputs to the device it
+computes on, when they are elsewhere; outputs stay where they were made, and the
+model's output returns to the device of its inputs. Blocks offloaded from where they
+compute get their weights ahead of use on one background thread: pages read ahead for
+disk blocks computing on the CPU (which compute on the file's mapping in place), slots
+on the GPU for blocks streamed there (``streaming``). Nothing is hooked below a block.
+"""
+
+import copy
+import os
+from collections import Counter
+from collections.abc import Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .devices import DeviceLike, loading_budgets
+from .errors import DeviceMapError
+from .offload import OffloadFiles
+from .paging import HostPager, page_ranges
+from .plan import Placement, Plan
+from .streaming import AcceleratorStreamer, StreamedBlock
+
+DEFAULT_PREFETCH_DEPTH = 1
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor of a block: where it is attached (``owner[key]``) and whether it is a parameter."""
+
+    name: str
+    module: nn.Module
+    key: str
+    is_parameter: bool
+
+    @property
+    def owner(self) -> dict:
+        return self.module._parameters if self.is_parameter else self.module._buffers
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.owner[self.key]
+
+
+@dataclass(frozen=True)
+class _Block:
+    placement: Placement
+    module: nn.Module
+    tensors: tuple[_Tensor, ...]
+
+    @property
+    def offloaded(self) -> bool:
+        return self.placement.device != self.placement.execution_device
+
+
+@dataclass
+class _Dispatched:
+    """What ``dispatch`` attached to a model, so that ``remove_dispatch`` can take it all away."""
+
+    handles: list = field(default_factory=list)
+    executor: Executor | None = None
+    fetchers: dict = field(default_factory=dict)
+    encoder: nn.Module | None = None
+
+
+def dispatch(
+    module: nn.Module,
+    device_map: Mapping[str, DeviceLike] | DeviceLike | Plan,
+    *,
+    offload_folder: str | os.PathLike | None = None,
+    prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
+    disk_resident_bytes: int | None = None,
+) -> nn.Module:
+    """Spread a module that is in memory over devices as ``device_map`` says, and run it there.
+
+    ``device_map`` is a dict of module-name prefixes to devices, one device, or a ``Plan``.
+    Blocks mapped to "disk" are written as safetensors into a folder of devicemap's own
+    inside ``offload_folder`` (the system temp folder by default) and computed from their
+    memory mapping. ``prefetch_depth`` is how many offloaded blocks are fetched ahead;
+    ``disk_resident_bytes`` caps the mapped bytes of disk blocks (``None``: no cap, the
+    kernel reclaims their clean pages under pressure). Returns ``module``, hooked.
+
+    >>> model = dispatch(model, {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
+    ...                          "model.rotary_emb": "cpu", "lm_head": "cpu"}, offload_folder="offload")
+    >>> model.generate(**inputs)  # doctest: +SKIP
+    """
+    from .planner import make_plan
+    from .profile import profile_module
+
+    remove_dispatch(module)
+    plan = device_map
+    if not isinstance(plan, Plan):
+        plan = make_plan(profile_module(module), loading_budgets(), None, device_map)
+    files = OffloadFiles(offload_folder)
+    try:
+        _place(blocks_of(module, plan), files)
+        files.commit(module)
+    except BaseException:
+        files.discard()
+        raise
+    return attach(module, plan, prefetch_depth=prefetch_depth, disk_resident_bytes=disk_resident_bytes)
+
+
+def remove_dispatch(module: nn.Module) -> nn.Module:
+    """Take away every hook and background thread ``dispatch`` attached; weights stay where they are.
+
+    >>> remove_dispatch(model).forward(**inputs)  # doctest: +SKIP
+    """
+    state: _Dispatched | None = module.__dict__.pop("_devicemap_dispatch", None)
+    if state is None:
+        return module
+    for handle in state.handles:
+        handle.remove()
+    for name, fetcher in state.fetchers.items():
+        fetcher.unbind(name)
+    if state.executor is not None:
+        state.executor.shutdown(wait=True)
+    if state.encoder is not None:
+        state.encoder.__dict__.pop("_hf_hook", None)
+    return module
+
+
+def attach(
+    module: nn.Module,
+    plan: Plan,
+    *,
+    prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
+    disk_resident_bytes: int | None = None,
+) -> nn.Module:
+    """Hook a module whose tensors are already where ``plan`` keeps them (see ``load``).
+
+    Buffers and tensors shared between blocks of a streamed block move to its execution device.
+    """
+    if prefetch_depth < 1:
+        raise DeviceMapError(f"prefetch_depth {prefetch_depth} must be at least 1")
+    blocks = blocks_of(module, plan)
+    state = _Dispatched()
+    offloaded = [block for block in blocks if block.offloaded]
+    if offloaded:
+        state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="devicemap-prefetch")
+        state.fetchers = _fetchers(blocks, offloaded, state.executor, prefetch_depth, disk_resident_bytes)
+    prefetcher = _Prefetcher([block.placement.block for block in offloaded], state.fetchers, prefetch_depth)
+    for block in blocks:
+        state.handles += _hook_block(block, prefetcher if block.offloaded else None)
+    state.handles.append(module.register_forward_hook(_return_to_input_device, with_kwargs=True))
+    state.encoder = _hook_encoder(module, state.handles)
+    module.__dict__["_devicemap_dispatch"] = state
+    return module
+
+
+def blocks_of(module: nn.Module, plan: Plan) -> list[_Block]:
+    """The plan's blocks in plan order, each with its module and its tensors found in ``module``."""
+    modules = dict(module.named_modules(remove_duplicate=False))
+    names = {block.name: block.tensor_names for block in plan.profile.blocks}
+    blocks = []
+    for placement in plan.placements:
+        if placement.block not in modules:
+            raise DeviceMapError(
+                f"the plan places block {placement.block!r}, which {type(module).__name__} does not have; "
+                "the plan was made for another model: make it again for this one"
+            )
+        tensors = tuple(_find_tensor(modules, name) for name in names.get(placement.block, ()))
+        blocks.append(_Block(placement, modules[placement.block], tensors))
+    return blocks
+
+
+def _find_tensor(modules: Mapping[str, nn.Module], name: str) -> _Tensor:
+    path, _, key = name.rpartition(".")
+    owner = modules.get(path)
+    if owner is None or (key not in owner._parameters and key not in owner._buffers):
+        raise DeviceMapError(f"the plan names tensor {name!r}, which the model does not have; make the plan again")
+    return _Tensor(name, owner, key, key in owner._parameters)
+
+
+def _place(blocks: list[_Block], files: OffloadFiles) -> None:
+    """Move every tensor where its block is kept; write disk blocks into ``files`` and map them.
+
+    A tensor reached from several blocks (tied weights) moves once and stays shared.
+    """
+    moved: dict[int, torch.Tensor] = {}
+    for block in blocks:
+        on_disk = []
+        for tensor in block.tensors:
+            current = tensor.value
+            if id(current) in moved:
+                tensor.owner[tensor.key] = moved[id(current)]
+            elif tensor.is_parameter and block.placement.device == "disk":
+                on_disk.append(tensor)
+            else:
+                target = block.placement.device if tensor.is_parameter else block.placement.execution_device
+                moved[id(current)] = tensor.owner[tensor.key] = _to(current, target)
+        if on_disk:
+            specs = [(t.name, t.value.dtype, tuple(t.value.shape)) for t in on_disk]
+            by_name = {t.name: t.value for t in on_disk}
+            mapped = files.write_block(block.placement.block, specs, by_name.__getitem__)
+            for tensor in on_disk:
+                moved[id(tensor.value)] = tensor.owner[tensor.key] = _like(tensor.value, mapped[tensor.name])
+
+
+def _to(tensor: torch.Tensor, device: str) -> torch.Tensor:
+    if tensor.device == torch.device(device):
+        return tensor
+    return _like(tensor, tensor.detach().to(device))
+
+
+def _like(original: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """``data`` as a parameter if ``original`` was one, with the same ``requires_grad``."""
+    if isinstance(original, nn.Parameter):
+        return nn.Parameter(data, requires_grad=original.requires_grad)
+    return data
+
+
+def _fetchers(blocks, offloaded, executor, depth, disk_resident_bytes) -> dict:
+    """For each offloaded block, what fetches it: the host pager, or the streamer of its GPU."""
+    uses = Counter()
+    for block in blocks:
+        uses.update({id(tensor.value) for tensor in block.tensors})
+    nested = {block.placement.block for block in blocks if _contains_other_blocks(block, blocks)}
+    fetchers = {}
+    on_cpu = [block for block in offloaded if block.placement.execution_device == "cpu"]
+    pager = HostPager(
+        {b.placement.block: page_ranges(t.value for t in b.tensors if t.is_parameter) for b in on_cpu},
+        executor,
+        disk_resident_bytes,
+    )
+    fetchers.update({block.placement.block: pager for block in on_cpu})
+    by_device: dict[str, list[StreamedBlock]] = {}
+    for block in offloaded:
+        device = block.placement.execution_device
+        if device == "cpu":
+            continue
+        streamed = _streamed_parameters(block, uses, nested)
+        by_device.setdefault(device, []).append(
+            StreamedBlock(block.placement.block, streamed, pack=block.placement.device == "cpu")
+        )
+    for device, streamed_blocks in by_device.items():
+        _require_cuda(device)
+        streamer = AcceleratorStreamer(device, streamed_blocks, depth + 1, executor)
+        fetchers.update({block.name: streamer for block in streamed_blocks})
+    return fetchers
+
+
+def _streamed_parameters(block: _Block, uses: Counter, nested: set[str]) -> tuple[tuple[dict, str], ...]:
+    """The parameters that travel with ``block``; the rest move to its execution device for good.
+
+    Buffers, tensors other blocks share (tied weights), and the own tensors of a block that
+    holds other blocks (which run while it is bound) stay on the execution device.
+    """
+    device = block.placement.execution_device
+    streamed, seen = [], set()
+    for tensor in block.tensors:
+        if id(tensor.value) in seen:
+            continue
+        seen.add(id(tensor.value))
+        if tensor.is_parameter and uses[id(tensor.value)] == 1 and block.placement.block not in nested:
+            streamed.append((tensor.owner, tensor.key))
+        else:
+            tensor.owner[tensor.key] = _to(tensor.value, device)
+    return tuple(streamed)
+
+
+def _contains_other_blocks(block: _Block, blocks: list[_Block]) -> bool:
+    name = block.placement.block
+    return any(
+        other is not block and (name == "" or other.placement.block.startswith(name + ".")) for other in blocks
+    )
+
+
+def _require_cuda(device: str) -> None:
+    if not device.startswith("cuda:"):
+        raise DeviceMapError(
+            f"offloaded blocks can stream their weights only to CUDA GPUs, and this plan streams some to "
+            f"{device}; keep every block on {device}, or compute the offloaded ones on 'cpu'"
+        )
+
+
+class _Prefetcher:
+    """Fetches offloaded blocks ahead of use, in the order they last ran.
+
+    The order starts as the plan's, cyclic (after the last offloaded block comes the first
+    one of the next step), and then follows what actually runs: modules that run in
+    another order than declared, or an encoder that runs once before many decoder steps,
+    are fetched right after one pass. ``fetchers`` maps each block to an object with
+    ``prepare``, ``fetch_ahead``, ``bind`` and ``unbind`` (``HostPager``, ``AcceleratorStreamer``).
+    """
+
+    def __init__(self, order: list[str], fetchers: Mapping[str, object], depth: int):
+        self._fetchers = fetchers
+        self._depth = depth
+        self._next = dict(zip(order, order[1:] + order[:1]))
+        self._last: str | None = None
+
+    def before(self, name: str) -> None:
+        """Block ``name`` is about to run: have its weights, and start fetching the next ones."""
+        if self._last is not None and self._last != name:
+            self._next[self._last] = name
+        self._last = name
+        fetcher = self._fetchers[name]
+        fetcher.prepare(name)
+        ahead = name
+        for _ in range(self._depth):
+            ahead = self._next[ahead]
+            if ahead == name:
+                break
+            self._fetchers[ahead].fetch_ahead(ahead)
+        fetcher.bind(name)
+
+    def after(self, name: str) -> None:
+        """Block ``name`` has run (or failed): let its weights go."""
+        self._fetchers[name].unbind(name)
+
+
+def _hook_block(block: _Block, prefetcher: _Prefetcher | None) -> list:
+    device = torch.device(block.placement.execution_device)
+    name = block.placement.block
+    non_blocking = device.type != "cpu"
+
+    def move_inputs(module, args, kwargs):
+        if prefetcher is not None:
+            prefetcher.before(name)
+        moved_args = _moved(args, device, non_blocking)
+        moved_kwargs = _moved(kwargs, device, non_blocking)
+        if moved_args is args and moved_kwargs is kwargs:
+            return None
+        return moved_args, moved_kwargs
+
+    handles = [block.module.register_forward_pre_hook(move_inputs, with_kwargs=True)]
+    if prefetcher is not None:
+        handles.append(block.module.register_forward_hook(lambda *_: prefetcher.after(name), always_call=True))
+    return handles
+
+
+def _moved(value, device: torch.device, non_blocking: bool):
+    """``value`` with every tensor in it (through tuples, lists and dicts) on ``device``; itself if none moved.
+
+    Anything else (a KV cache object, numbers) is passed as is: caches stay where their layers are.
+    """
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device, non_blocking=non_blocking)
+    if isinstance(value, (tuple, list)):
+        items = [_moved(item, device, non_blocking) for item in value]
+        if all(new is old for new, old in zip(items, value)):
+            return value
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, Mapping):
+        items = {key: _moved(item, device, non_blocking) for key, item in value.items()}
+        if all(items[key] is item for key, item in value.items()):
+            return value
+        # A copy keeps the mapping's type (a transformers ModelOutput too) without changing the caller's.
+        result = copy.copy(value)
+        for key, item in items.items():
+            result[key] = item
+        return result
+    return value
+
+
+def _return_to_input_device(module, args, kwargs, output):
+    device = _first_tensor_device((args, kwargs))
+    if device is None:
+        return None
+    # Copies to the CPU must be finished before the caller reads them.
+    moved = _moved(output, device, non_blocking=device.type != "cpu")
+    return None if moved is output else moved
+
+
+def _first_tensor_device(value) -> torch.device | None:
+    if isinstance(value, torch.Tensor):
+        return value.device
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
+    for item in items:
+        device = _first_tensor_device(item)
+        if device is not None:
+            return device
+    return None
+
+
+class _EncoderOutputs:
+    """transformers' ``generate`` asks an offloaded model's encoder for outputs on its inputs' device.
+
+    It looks for an accelerate hook at ``encoder._hf_hook`` and sets its ``io_same_device``;
+    this stands in for one, so that generate neither needs accelerate nor adds its hooks.
+    """
+
+    def __init__(self):
+        self.io_same_device = False
+
+    def __call__(self, module, args, kwargs, output):
+        return _return_to_input_device(module, args, kwargs, output) if self.io_same_device else None
+
+
+def _hook_encoder(module: nn.Module, handles: list) -> nn.Module | None:
+    get_encoder = getattr(module, "get_encoder", None)
+    encoder = get_encoder() if callable(get_encoder) else None
+    if not isinstance(encoder, nn.Module) or encoder is module:
+        return None
+    outputs = _EncoderOutputs()
+    handles.append(encoder.register_forward_hook(outputs, with_kwargs=True))
+    encoder.__dict__["_hf_hook"] = outputs
+    return encoder
+
+
+def is_dispatched(module: nn.Module) -> bool:
+    """Whether ``dispatch`` or ``load`` hooked ``module`` (and ``remove_dispatch`` has not since)."""
+    return "_devicemap_dispatch" in module.__dict__
+

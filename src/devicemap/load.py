@@ -1,0 +1,288 @@
+"""Load a model folder straight onto the devices a plan gives, then hook it to run there.
+
+The model is built on the meta device; each checkpoint tensor is then read from its
+file's memory mapping and put where its block lives, at the load dtype: copied to its
+accelerator, kept as a view of the file on the CPU or on disk when the dtype already
+matches (no copy, nothing written), converted in memory for the CPU, or converted and
+written to devicemap's own offload folder for disk. Host memory holds the CPU-resident
+weights plus the tensor being converted; pages read only to be copied elsewhere are
+given back as soon as they are.
+"""
+
+import os
+import re
+import sys
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .devices import DeviceLike, check_devices_exist, loading_budgets
+from .dispatch import DEFAULT_PREFETCH_DEPTH, _Block, _Tensor, attach, blocks_of
+from .errors import CheckpointError
+from .keys import check_keys
+from .offload import OffloadFiles
+from .paging import unmap_pages
+from .plan import Plan
+from .planner import make_plan
+from .profile import profile_module
+from .skeleton import build_on_meta, config_dtype, load_config
+from .sources import Source, SourceMap, map_sources
+from .workload import Workload, dtype_name
+
+
+def load(
+    model: str | os.PathLike,
+    device_map: str | DeviceLike | Mapping[str, DeviceLike] | Plan = "auto",
+    max_memory: Mapping[DeviceLike, int | str] | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    workload: Workload | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    offload: bool = True,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool | None = None,
+    *,
+    prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
+    disk_resident_bytes: int | None = None,
+) -> PreTrainedModel:
+    """Load the model folder ``model`` across devices as ``device_map`` says, ready for ``generate``.
+
+    ``device_map`` is "auto", "balanced", "balanced_low_0", "sequential", a dict of
+    module-name prefixes to devices, one device, or a ``Plan``; ``max_memory`` sets
+    budgets (default: what is free now). ``dtype`` ``None`` keeps the checkpoint's.
+    Weights converted for disk go into a folder of devicemap's own inside
+    ``offload_folder`` (default: the system temp folder). ``progress`` shows a progress
+    bar (``None``: when stderr is a terminal). The model gets ``hf_device_map`` and
+    ``devicemap_plan``; ``prefetch_depth`` and ``disk_resident_bytes`` are as for ``dispatch``.
+
+    >>> model = devicemap.load("SmolLM2-135M-Instruct", device_map="auto", max_memory={"cpu": "150MB"})
+    >>> model.generate(**tokenizer("What is machine learning?", return_tensors="pt"), max_new_tokens=50)
+    tensor([[...]])
+    """
+    try:
+        return _load(
+            Path(model), device_map, max_memory, dtype, workload, offload_folder, offload, allow_pickle,
+            trust_remote_code, progress, prefetch_depth, disk_resident_bytes,
+        )  # fmt: skip
+    except BaseException as error:
+        # A failed load's frames hold the half-built model; clearing them frees it now,
+        # not whenever the caller drops the exception.
+        traceback.clear_frames(error.__traceback__)
+        raise
+
+
+def _load(folder, device_map, max_memory, dtype, workload, offload_folder, offload, allow_pickle,
+          trust_remote_code, progress, prefetch_depth, disk_resident_bytes) -> PreTrainedModel:  # fmt: skip
+    checkpoint = open_checkpoint(folder, allow_pickle=allow_pickle)
+    config = load_config(checkpoint.folder, trust_remote_code)
+    load_dtype = _load_dtype(dtype, config, checkpoint)
+    model = build_on_meta(config, load_dtype, trust_remote_code)
+    sources = map_sources(model, checkpoint.shapes)
+    check_keys(sources.found_shapes, model, source=str(checkpoint.folder))
+    plan = _plan(model, device_map, load_dtype, max_memory, workload, offload, offload_folder)
+    blocks = blocks_of(model, plan)
+    files = OffloadFiles(offload_folder)
+    try:
+        with _progress_bar(progress) as bar:
+            _Materializer(model, checkpoint, sources, load_dtype, files, bar).run(blocks)
+        _finish_tensors(model, blocks, sources)
+        files.commit(model)
+    except BaseException:
+        files.discard()
+        raise
+    model.eval()
+    model.hf_device_map = plan.device_map
+    model.devicemap_plan = plan
+    if (checkpoint.folder / "generation_config.json").is_file() and model.can_generate():
+        model.generation_config = GenerationConfig.from_pretrained(checkpoint.folder)
+    return attach(model, plan, prefetch_depth=prefetch_depth, disk_resident_bytes=disk_resident_bytes)
+
+
+def _load_dtype(dtype, config, checkpoint: Checkpoint) -> torch.dtype:
+    """The requested dtype; else the config's, as transformers' ``dtype="auto"``; else the checkpoint's."""
+    if dtype is not None:
+        return getattr(torch, dtype_name(dtype))
+    if getattr(config, "dtype", None) is not None or getattr(config, "torch_dtype", None) is not None:
+        return config_dtype(config)
+    floating = [info.dtype for info in checkpoint.tensors.values() if info.dtype.is_floating_point]
+    return floating[0] if floating else torch.float32
+
+
+def _plan(model, device_map, dtype, max_memory, workload, offload, offload_folder) -> Plan:
+    if isinstance(device_map, Plan):
+        check_devices_exist({d for p in device_map.placements for d in (p.device, p.execution_device)})
+        return device_map
+    budgets = loading_budgets(max_memory, offload_folder)
+    return make_plan(profile_module(model, dtype), budgets, workload, device_map, offload)
+
+
+class _Materializer:
+    """Puts every tensor the checkpoint provides where its block lives, in the checkpoint's file order."""
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, sources: SourceMap, dtype, files, bar):
+        self.model = model
+        self.checkpoint = checkpoint
+        self.sources = sources
+        self.files = files
+        self.bar = bar
+        self.dtypes = _target_dtypes(model, dtype)
+
+    def run(self, blocks: list[_Block]) -> None:
+        where = {tensor.name: (block, tensor) for block in blocks for tensor in block.tensors}
+        unplaced = sorted(set(self.sources.sources) - where.keys())
+        if unplaced:
+            raise CheckpointError(
+                f"the plan places no block holding {', '.join(unplaced[:5])}; it was made for another model "
+                "or another version of it: make the plan again from this folder"
+            )
+        totals: dict[str, int] = {}
+        for name in self.sources.sources:
+            block, tensor = where[name]
+            device = block.placement.device if tensor.is_parameter else block.placement.execution_device
+            totals[device] = totals.get(device, 0) + self._bytes(name)
+        self.bar.expect(totals)
+        for_disk: dict[str, list[tuple[_Tensor, Source]]] = {}
+        for source in self._in_file_order():
+            block, tensor = where[source.target]
+            if tensor.is_parameter and block.placement.device == "disk" and not self._maps_as_is(source):
+                for_disk.setdefault(block.placement.block, []).append((tensor, source))
+                continue
+            device = block.placement.device if tensor.is_parameter else block.placement.execution_device
+            self._assign(tensor, self._make(source, "cpu" if device == "disk" else device))
+            self.bar.advance(device, self._bytes(source.target))
+        for block_name, pending in for_disk.items():
+            self._write_block(block_name, pending)
+
+    def _in_file_order(self) -> list[Source]:
+        position = {name: index for index, name in enumerate(self.checkpoint.tensors)}
+        return sorted(self.sources.sources.values(), key=lambda source: position[source.keys[0]])
+
+    def _maps_as_is(self, source: Source) -> bool:
+        return source.direct and self.checkpoint.tensors[source.keys[0]].dtype == self.dtypes[source.target]
+
+    def _make(self, source: Source, device: str) -> torch.Tensor:
+        """The tensor for ``source`` on ``device`` at its dtype: the file's own view when nothing changes."""
+        dtype = self.dtypes[source.target]
+        if source.direct:
+            tensor = self.checkpoint.tensor_to(source.keys[0], device, dtype)
+        else:
+            tensor = source.make(self.checkpoint.tensor, self.model).to(device=device, dtype=dtype)
+            expected = tuple(self.sources.found_shapes[source.target])
+            if tuple(tensor.shape) != expected:
+                raise CheckpointError(
+                    f"{self.checkpoint.folder}: tensor {source.target} built from {len(source.keys)} checkpoint "
+                    f"tensors ({source.keys[0]}, …) has shape {list(tensor.shape)}, but the model expects "
+                    f"{list(expected)}; check that config.json describes these weights"
+                )
+        for key in source.keys:
+            view = self.checkpoint.tensor(key)
+            if tensor.data_ptr() != view.data_ptr():
+                # Read only to be copied: give the pages back so they do not add up in this process.
+                unmap_pages(view)
+        return tensor
+
+    def _write_block(self, block_name: str, pending: list[tuple[_Tensor, Source]]) -> None:
+        """Convert a disk block's tensors one at a time into an offload file, then map them from it."""
+        by_name = {tensor.name: source for tensor, source in pending}
+        specs = [(name, self.dtypes[name], tuple(self.sources.found_shapes[name])) for name in by_name]
+
+        def produce(name: str) -> torch.Tensor:
+            self.bar.advance("disk", self._bytes(name))
+            return self._make(by_name[name], "cpu")
+
+        mapped = self.files.write_block(block_name, specs, produce)
+        for tensor, _ in pending:
+            self._assign(tensor, mapped[tensor.name])
+
+    def _assign(self, tensor: _Tensor, value: torch.Tensor) -> None:
+        meta = tensor.value
+        if tensor.is_parameter:
+            value = nn.Parameter(value, requires_grad=meta.requires_grad and value.is_floating_point())
+        # transformers' initialisation skips tensors marked loaded, and computes the rest.
+        value._is_hf_initialized = True
+        tensor.owner[tensor.key] = value
+
+    def _bytes(self, name: str) -> int:
+        shape = self.sources.found_shapes[name]
+        return self.dtypes[name].itemsize * int(torch.Size(shape).numel())
+
+
+def _target_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Each tensor's dtype once loaded, as transformers decides: float32 where the model keeps it, else as built."""
+    keep = model._get_dtype_plan(dtype) if isinstance(model, PreTrainedModel) else {}
+    dtypes = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        kept = [kept_dtype for pattern, kept_dtype in keep.items() if _matches(pattern, name)]
+        dtypes[name] = kept[0] if kept and tensor.is_floating_point() else tensor.dtype
+    return dtypes
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return re.search(pattern.replace("*", ".*"), name) is not None
+
+
+def _finish_tensors(model: nn.Module, blocks: list[_Block], sources: SourceMap) -> None:
+    """Tie shared weights, then make what the checkpoint lacks (non-persistent buffers) where it computes."""
+    if isinstance(model, PreTrainedModel):
+        missing = set(model.state_dict(keep_vars=True)) - set(sources.sources)
+        model.tie_weights(missing_keys=missing, recompute_mapping=False)
+    made = False
+    for block in blocks:
+        for tensor in block.tensors:
+            if tensor.value.is_meta:
+                empty = torch.empty_like(tensor.value, device=block.placement.execution_device)
+                tensor.owner[tensor.key] = nn.Parameter(empty, requires_grad=False) if tensor.is_parameter else empty
+                made = True
+    if made and isinstance(model, PreTrainedModel):
+        model.initialize_weights()
+
+
+class _NoBar:
+    def expect(self, totals: Mapping[str, int]) -> None:
+        pass
+
+    def advance(self, device: str, size_bytes: int) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+
+class _Bar(_NoBar):
+    """A rich progress bar per device, in bytes, on stderr."""
+
+    def __init__(self):
+        self._progress = Progress(
+            TextColumn("loading to {task.description:>8}"), BarColumn(), DownloadColumn(binary_units=True),
+            TransferSpeedColumn(), console=Console(stderr=True), transient=True,
+        )  # fmt: skip
+        self._tasks: dict[str, int] = {}
+
+    def expect(self, totals: Mapping[str, int]) -> None:
+        for device, total_bytes in totals.items():
+            self._tasks[device] = self._progress.add_task(device, total=total_bytes)
+
+    def advance(self, device: str, size_bytes: int) -> None:
+        self._progress.advance(self._tasks[device], size_bytes)
+
+    def __enter__(self):
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._progress.stop()
+
+
+def _progress_bar(progress: bool | None) -> _NoBar:
+    show = sys.stderr.isatty() if progress is None else progress
+    return _Bar() if show else _NoBar()

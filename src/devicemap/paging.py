@@ -1,0 +1,166 @@
+"""Pages of memory-mapped weights: ask for them ahead of use, and let them go after.
+
+A block offloaded to disk and computed on the CPU computes on tensors that are views
+into a private mapping of a safetensors file; the kernel brings a page in on first
+touch. Reading ahead (``MADV_WILLNEED``) turns that touch into a read that overlaps the
+block before. Letting go (``MADV_DONTNEED``) unmaps pages so the process's resident
+memory stays under a limit; the page cache keeps them, so touching them again costs a
+minor fault, not a read. Measured on SmolLM2-135M: releasing every block after use costs
+17–27 % of decode speed, which is why the default keeps pages mapped and leaves clean
+file pages to the kernel's reclaim.
+"""
+
+import ctypes
+import functools
+import mmap
+import sys
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import torch
+
+_MADV_WILLNEED = 3
+_MADV_DONTNEED = 4
+# mincore sets bit 0 of a page's byte when the page is in memory; the other bits are reserved.
+_RESIDENT_BIT = bytes(value & 1 for value in range(256))
+
+
+@dataclass(frozen=True)
+class PageRange:
+    """Whole pages of the address space: ``start`` and ``length_bytes`` are page multiples."""
+
+    start: int
+    length_bytes: int
+
+
+def page_ranges(tensors: Iterable[torch.Tensor]) -> tuple[PageRange, ...]:
+    """The pages that hold ``tensors``' data, merged where tensors lie next to each other.
+
+    >>> page_ranges([torch.empty(4096, dtype=torch.uint8)])  # doctest: +SKIP
+    (PageRange(start=139..., length_bytes=4096),)
+    """
+    page = mmap.PAGESIZE
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors if t.nbytes)
+    merged: list[list[int]] = []
+    for start, end in spans:
+        start -= start % page
+        end += -end % page
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return tuple(PageRange(start, end - start) for start, end in merged)
+
+
+def unmap_pages(tensor: torch.Tensor) -> None:
+    """Unmap the whole pages inside a tensor that views a file mapping: they stay in the page cache.
+
+    For a view the caller no longer reads (its bytes were copied elsewhere). Pages shared
+    with a neighbouring tensor stay mapped.
+    """
+    libc = _libc()
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr() + (-tensor.data_ptr() % page)
+    end = tensor.data_ptr() + tensor.nbytes
+    end -= end % page
+    if libc is not None and end > start:
+        libc.madvise(start, end - start, _MADV_DONTNEED)
+
+
+def file_backed(ranges: Iterable[PageRange]) -> bool:
+    """Whether every range lies in a mapping of a file, which unmapping cannot lose data of.
+
+    Only Linux says so (``/proc/self/maps``); elsewhere the answer is False.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    mappings = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            # Anonymous mappings have no path; "[heap]" and the like are not files either.
+            if len(fields) >= 6 and fields[5].startswith("/"):
+                low, high = (int(bound, 16) for bound in fields[0].split("-"))
+                mappings.append((low, high))
+    return all(
+        any(low <= item.start and item.start + item.length_bytes <= high for low, high in mappings)
+        for item in ranges
+    )
+
+
+class HostPager:
+    """Reads the pages of CPU-computed disk blocks ahead of use, and keeps their mapped bytes under a limit.
+
+    ``resident_limit_bytes`` ``None`` never unmaps: the kernel reclaims clean file pages
+    when memory runs short. With a limit, the blocks used longest ago are unmapped after
+    use until the mapped bytes of disk blocks fit under it. Blocks whose tensors are not
+    views of a file are never unmapped (that would lose their data).
+    """
+
+    def __init__(
+        self,
+        ranges: Mapping[str, tuple[PageRange, ...]],
+        executor: Executor,
+        resident_limit_bytes: int | None = None,
+    ):
+        self._ranges = dict(ranges)
+        self._executor = executor
+        self._limit_bytes = resident_limit_bytes
+        self._releasable = {name for name, block in self._ranges.items() if file_backed(block)}
+        self._mapped: OrderedDict[str, int] = OrderedDict()
+        self._libc = _libc()
+
+    def prepare(self, name: str) -> None:
+        """Nothing to do when a block is about to run: reading its pages now would not overlap anything."""
+
+    def fetch_ahead(self, name: str) -> None:
+        """Have the background thread start reading block ``name``'s pages that are not in memory."""
+        if self._libc is not None:
+            self._executor.submit(self.fetch, name)
+
+    def fetch(self, name: str) -> None:
+        """Start reading the pages of block ``name`` that are not in memory. Safe on any thread."""
+        for item in self._ranges[name]:
+            # Asking costs ~190 µs per 13 MB even when every page is cached; looking costs ~5 µs.
+            if not self._resident(item):
+                self._libc.madvise(item.start, item.length_bytes, _MADV_WILLNEED)
+
+    def bind(self, name: str) -> None:
+        """Nothing to do before compute: the block computes on its mapped tensors in place."""
+
+    def unbind(self, name: str) -> None:
+        """Note that block ``name`` ran; unmap the oldest blocks while over the limit."""
+        if self._limit_bytes is None or name not in self._releasable:
+            return
+        self._mapped.pop(name, None)
+        self._mapped[name] = sum(item.length_bytes for item in self._ranges[name])
+        while sum(self._mapped.values()) > self._limit_bytes and len(self._mapped) > 1:
+            oldest, _ = self._mapped.popitem(last=False)
+            self.release(oldest)
+
+    def release(self, name: str) -> None:
+        """Unmap block ``name``'s pages now (they stay in the page cache). Only file-backed blocks."""
+        if self._libc is None or name not in self._releasable:
+            return
+        for item in self._ranges[name]:
+            self._libc.madvise(item.start, item.length_bytes, _MADV_DONTNEED)
+
+    def _resident(self, item: PageRange) -> bool:
+        pages = item.length_bytes // mmap.PAGESIZE
+        vector = ctypes.create_string_buffer(pages)
+        if self._libc.mincore(item.start, item.length_bytes, vector) != 0:
+            return False
+        return b"\x00" not in vector.raw[:pages].translate(_RESIDENT_BIT)
+
+
+@functools.cache
+def _libc():
+    """The C library's madvise and mincore, or None where there are none (Windows)."""
+    if sys.platform == "win32":
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    return libc

@@ -1,0 +1,214 @@
+"""Offloaded blocks computed on a GPU: weights copied in just before use, into reused buffers.
+
+Each streamed block has a fixed slot on its GPU: device memory the size of the largest
+streamed block, taken in turn by the blocks in execution order, so that block k+1
+copies into one slot while block k computes out of another and nothing is allocated
+per call. Copies run on a dedicated stream, ordered by events: a copy into a slot waits
+for the compute that last read it, and a block's compute waits for its copy.
+
+A block kept in CPU memory is packed once into pinned host memory laid out as its slot
+is, so bringing it in is one asynchronous copy. A block on disk stays a view of its
+file; the prefetch thread gathers its pages into a pinned staging buffer, then one
+asynchronous copy uploads it. Host memory is pinned by registering plain allocations
+with CUDA, which (unlike pinned allocations) are not rounded up to a power of two.
+"""
+
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Every tensor in a slot starts on this boundary, so vectorised kernels see aligned data.
+_ALIGN_BYTES = 256
+
+
+@dataclass(frozen=True)
+class StreamedBlock:
+    """A block whose parameters ``(owner, name)`` live off the GPU: ``owner`` is a module's ``_parameters``.
+
+    ``pack`` is True when they are in CPU memory (packed into pinned memory once), False
+    when they are views of a file (staged through pinned memory at each fetch).
+    """
+
+    name: str
+    parameters: tuple[tuple[dict, str], ...]
+    pack: bool
+
+
+def aligned_offsets(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
+    """Byte offsets of ``tensors`` laid out one after another on ``_ALIGN_BYTES`` boundaries, and the total."""
+    offsets, end = [], 0
+    for tensor in tensors:
+        start = end + (-end % _ALIGN_BYTES)
+        offsets.append(start)
+        end = start + tensor.nbytes
+    return offsets, end
+
+
+class PinnedHostBuffer:
+    """Plain host memory registered with CUDA, so copies from it to a GPU run asynchronously."""
+
+    def __init__(self, size_bytes: int):
+        self.tensor = torch.empty(max(size_bytes, 1), dtype=torch.uint8)
+        pointer = self.tensor.data_ptr()
+        error = int(torch.cuda.cudart().cudaHostRegister(pointer, self.tensor.nbytes, 0))
+        if error != 0:
+            raise RuntimeError(f"CUDA could not pin {self.tensor.nbytes} bytes of host memory (cudaError {error})")
+        # Unregistered before the memory goes: the finalizer runs before this object's tensor is dropped.
+        weakref.finalize(self, _unregister, pointer)
+
+
+def _unregister(pointer: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(pointer)
+
+
+class _Slot:
+    """Device memory for one block at a time, its staging buffer, and the events ordering its use."""
+
+    def __init__(self, device: torch.device, size_bytes: int, staging_bytes: int):
+        self.buffer = torch.empty(max(size_bytes, 1), dtype=torch.uint8, device=device)
+        self.staging = PinnedHostBuffer(staging_bytes).tensor if staging_bytes else None
+        self.loaded = torch.cuda.Event()  # the copy into the slot is done
+        self.released = torch.cuda.Event()  # the compute reading the slot is done
+        self.staged = torch.cuda.Event()  # the upload out of the staging buffer is done
+        self.holder: str | None = None  # the block whose weights are in, or coming into, the slot
+        self.claimed_by: str | None = None  # the block that must run before the slot is reused
+        self.copy: Future | None = None
+
+
+@dataclass(frozen=True)
+class _Route:
+    """How one block reaches its slot: the copies to make, and the parameters to swap."""
+
+    slot: _Slot
+    size_bytes: int
+    packed: torch.Tensor | None  # pinned host bytes laid out as in the slot
+    staged: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (staging bytes, file-backed bytes)
+    on_device: tuple[tuple[dict, str, nn.Parameter], ...]
+    on_host: tuple[tuple[dict, str, nn.Parameter], ...]
+
+
+class AcceleratorStreamer:
+    """Streams the weights of offloaded blocks to one CUDA device through ``slot_count`` reused slots.
+
+    The main thread calls ``prepare``, ``bind`` and ``unbind`` around a block's forward
+    and ``fetch_ahead`` for blocks to come; copies run on ``executor``'s thread.
+
+    >>> streamer = AcceleratorStreamer("cuda:0", blocks, slot_count=2, executor=pool)  # doctest: +SKIP
+    """
+
+    def __init__(self, device: str, blocks: Sequence[StreamedBlock], slot_count: int, executor: Executor):
+        self.device = torch.device(device)
+        self._executor = executor
+        self._copy_stream = torch.cuda.Stream(self.device)
+        hosts = {block.name: [owner[key] for owner, key in block.parameters] for block in blocks}
+        sizes = {name: aligned_offsets(tensors)[1] for name, tensors in hosts.items()}
+        slot_bytes = max(sizes.values(), default=0)
+        staging_bytes = slot_bytes if any(not block.pack for block in blocks) else 0
+        slots = [_Slot(self.device, slot_bytes, staging_bytes) for _ in range(min(slot_count, len(blocks)))]
+        self._keep: list[PinnedHostBuffer] = []
+        self._routes = {
+            block.name: self._route(block, slots[index % len(slots)], sizes[block.name])
+            for index, block in enumerate(blocks)
+        }
+
+    def prepare(self, name: str) -> None:
+        """Make sure block ``name``'s copy is under way; the block runs next."""
+        route = self._routes[name]
+        slot = route.slot
+        if slot.claimed_by not in (None, name):
+            # The blocks ran in another order than foreseen: the slot was given to a block still
+            # to come. Let its copy finish; that block copies again when its turn comes.
+            slot.copy.result()
+            slot.claimed_by = slot.holder = None
+        if slot.holder != name:
+            self._start_copy(name, route)
+        slot.claimed_by = name
+
+    def fetch_ahead(self, name: str) -> None:
+        """Start copying block ``name`` if its slot is free; otherwise it copies when it runs."""
+        route = self._routes[name]
+        if route.slot.claimed_by is not None:
+            return
+        if route.slot.holder != name:
+            self._start_copy(name, route)
+        route.slot.claimed_by = name
+
+    def bind(self, name: str) -> None:
+        """Point block ``name``'s parameters at its slot once the copy is done (on the compute stream)."""
+        route = self._routes[name]
+        if route.slot.copy is not None:
+            route.slot.copy.result()  # raises here whatever went wrong on the copy thread
+        torch.cuda.current_stream(self.device).wait_event(route.slot.loaded)
+        for owner, key, parameter in route.on_device:
+            owner[key] = parameter
+
+    def unbind(self, name: str) -> None:
+        """Point block ``name``'s parameters back at host memory; the slot is free once its compute is."""
+        route = self._routes[name]
+        for owner, key, parameter in route.on_host:
+            owner[key] = parameter
+        route.slot.released.record(torch.cuda.current_stream(self.device))
+        route.slot.claimed_by = None
+
+    def _start_copy(self, name: str, route: _Route) -> None:
+        route.slot.holder = name
+        route.slot.copy = self._executor.submit(self._copy, route)
+
+    def _copy(self, route: _Route) -> None:
+        slot = route.slot
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(slot.released)
+            source = route.packed
+            if source is None:
+                # The staging buffer is still being uploaded from until its last copy is done.
+                slot.staged.synchronize()
+                for staging, file_bytes in route.staged:
+                    staging.copy_(file_bytes)
+                source = slot.staging[: route.size_bytes]
+            slot.buffer[: route.size_bytes].copy_(source, non_blocking=True)
+            if route.packed is None:
+                slot.staged.record(self._copy_stream)
+            slot.loaded.record(self._copy_stream)
+
+    def _route(self, block: StreamedBlock, slot: _Slot, size_bytes: int) -> _Route:
+        hosts = [owner[key] for owner, key in block.parameters]
+        offsets, _ = aligned_offsets(hosts)
+        packed = None
+        if block.pack:
+            packed, hosts = self._pack(hosts, offsets, size_bytes)
+        staged = () if block.pack else tuple(
+            (slot.staging[offset : offset + host.nbytes], _bytes_of(host))
+            for host, offset in zip(hosts, offsets)
+            if host.nbytes
+        )
+        on_device = tuple(
+            (owner, key, _parameter_view(slot.buffer, offset, host))
+            for (owner, key), host, offset in zip(block.parameters, hosts, offsets)
+        )
+        on_host = tuple((owner, key, host) for (owner, key), host in zip(block.parameters, hosts))
+        for owner, key, host in on_host:
+            owner[key] = host
+        return _Route(slot, size_bytes, packed, staged, on_device, on_host)
+
+    def _pack(self, hosts: list[torch.Tensor], offsets: list[int], size_bytes: int):
+        """Copy a CPU block into one pinned buffer laid out as its slot; the copies replace the originals."""
+        buffer = PinnedHostBuffer(size_bytes)
+        self._keep.append(buffer)
+        packed = [_parameter_view(buffer.tensor, offset, host) for host, offset in zip(hosts, offsets)]
+        for copy, host in zip(packed, hosts):
+            copy.data.copy_(host)
+        return buffer.tensor[:size_bytes], packed
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def _parameter_view(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> nn.Parameter:
+    """A parameter shaped like ``like`` over ``buffer``'s bytes from ``offset``."""
+    data = buffer[offset : offset + like.nbytes].view(like.dtype).view(like.shape)
+    return nn.Parameter(data, requires_grad=False)

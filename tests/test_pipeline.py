@@ -182,9 +182,13 @@ def test_three_stages_of_the_demo_model_generate_text_like_transformers(demo_mod
     assert texts[0].strip().startswith("Machine learning")
 
 
-def test_three_stages_of_a_qwen2_model_equal_transformers_generate(qwen2):
-    reference = AutoModelForCausalLM.from_pretrained(qwen2, dtype=torch.float32).eval()
-    with Pipeline(qwen2, stages=3, device="cpu", threads_per_stage=1, timeout_s=60) as pipe:
+@pytest.mark.parametrize(("kind", "stages"), [("qwen3-moe", 3), ("qwen2", 2)])
+def test_random_models_of_other_architectures_in_stages_equal_transformers_generate(
+    kind, stages, random_model_folder, qwen2
+):
+    folder = qwen2 if kind == "qwen2" else random_model_folder(kind)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with Pipeline(folder, stages=stages, device="cpu", threads_per_stage=1, timeout_s=60) as pipe:
         output = pipe.generate(RANDOM_PROMPTS, max_new_tokens=7)
     width = max(len(row) for row in RANDOM_PROMPTS)
     ids = torch.tensor([[0] * (width - len(row)) + row for row in RANDOM_PROMPTS])

@@ -21,7 +21,8 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DummyLayer
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .errors import CheckpointError, PipelineError
+from .errors import PipelineError
+from .pipeline_tensors import read_stage_state
 from .skeleton import build_on_meta, load_config
 
 # Decoder-only architectures whose base model is exactly embed_tokens → layers → norm and
@@ -198,49 +199,8 @@ def _stage_modules(model: PreTrainedModel, layout: StageLayout) -> dict[str, nn.
 
 def _load_tensors(model: PreTrainedModel, checkpoint: Checkpoint, layout: StageLayout, device: torch.device) -> None:
     """Assign the stage's tensors from the checkpoint, each straight onto ``device``."""
-    aliases = _tied_aliases(model)
-    state = {}
-    missing, mismatched = [], []
-    for prefix, module in _stage_modules(model, layout).items():
-        for name, tensor in module.state_dict().items():
-            full_name = f"{prefix}.{name}"
-            source = next((alias for alias in aliases.get(full_name, (full_name,)) if alias in checkpoint.tensors), None)
-            if source is None:
-                missing.append(full_name)
-                continue
-            found_shape = checkpoint.tensors[source].shape
-            if tuple(found_shape) != tuple(tensor.shape):
-                mismatched.append(f"{full_name} expects {list(tensor.shape)}, checkpoint has {list(found_shape)}")
-                continue
-            dtype = tensor.dtype if tensor.dtype.is_floating_point else None
-            state[full_name] = checkpoint.tensor_to(source, device, dtype)
-    if missing or mismatched:
-        raise CheckpointError(_describe_bad_tensors(checkpoint, missing, mismatched))
-    for group in aliases.values():
-        loaded = next((state[name] for name in group if name in state), None)
-        if loaded is not None:
-            state.update({name: loaded for name in group})
-    model.load_state_dict(state, strict=False, assign=True)
-
-
-def _tied_aliases(model: PreTrainedModel) -> dict[str, tuple[str, ...]]:
-    """For each parameter shared under several names (tied embeddings), all of its names."""
-    names_of: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(parameter), []).append(name)
-    return {name: tuple(names) for names in names_of.values() if len(names) > 1 for name in names}
-
-
-def _describe_bad_tensors(checkpoint: Checkpoint, missing: list[str], mismatched: list[str]) -> str:
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {', '.join(missing[:10])}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} with another shape: {'; '.join(mismatched[:10])}")
-    return (
-        f"checkpoint {checkpoint.folder} does not match its config for this pipeline stage: "
-        f"{' and '.join(problems)}; the weights and config.json must come from the same model"
-    )
+    names = [f"{prefix}.{name}" for prefix, module in _stage_modules(model, layout).items() for name in module.state_dict()]
+    model.load_state_dict(read_stage_state(model, checkpoint, names, device), strict=False, assign=True)
 
 
 def _rebuild_buffers(model: PreTrainedModel, device: torch.device) -> None:

@@ -1,9 +1,10 @@
 """Pipeline-parallel generation: one process per device, every device busy at once.
 
 A device map runs one device at a time; a pipeline gives each rank (a process owning one
-GPU, or a CPU process) one contiguous stage of the model, planned by the same exact
-planner, and streams micro-batches through the stages so that all of them compute at
-once. Each rank reads only its own stage's tensors from the checkpoint folder.
+GPU, or a CPU process) one contiguous stage of the model, sized with the planner's
+ledger (weights, KV cache and activations for the workload, per rank budget), and
+streams micro-batches through the stages so that all of them compute at once. Each rank
+reads only its own stage's tensors from the checkpoint folder.
 
     with Pipeline("path/to/model", stages=2) as pipe:          # starts 2 processes here
         print(pipe.stage_plan)
@@ -32,7 +33,7 @@ import torch
 from rich.console import Console
 from transformers import AutoTokenizer
 
-from .errors import PipelineError
+from .errors import DeviceMapError, PipelineError
 from .pipeline_launch import Workers
 from .pipeline_requests import build_request, special_tokens, tokenize
 from .pipeline_schedule import Sampling
@@ -94,6 +95,10 @@ class Pipeline:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         master_addr: str = "127.0.0.1",
     ):
+        if threads_per_stage is not None and threads_per_stage < 1:
+            raise DeviceMapError(f"threads_per_stage {threads_per_stage} must be at least 1")
+        if not timeout_s > 0:
+            raise DeviceMapError(f"timeout_s {timeout_s} must be more than 0 seconds")
         self.model = Path(model)
         self.config = load_config(self.model)
         self.stage_plan = plan_stages(
@@ -103,7 +108,7 @@ class Pipeline:
         spec = WorkerSpec(
             model=str(self.model),
             stages=stages,
-            dtype=dtype_name(dtype) if dtype is not None else None,
+            dtype=self.stage_plan.profile.dtype,
             workload=self.stage_plan.workload,
             timeout_s=timeout_s,
             device=kind,

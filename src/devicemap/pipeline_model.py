@@ -23,7 +23,7 @@ from transformers.cache_utils import DummyLayer
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import PipelineError
 from .pipeline_tensors import read_stage_state
-from .skeleton import build_on_meta, load_config
+from .skeleton import build_on_meta, config_dtype, load_config
 
 # Decoder-only architectures whose base model is exactly embed_tokens → layers → norm and
 # whose causal LM is exactly lm_head(hidden states): models that scale embeddings inside
@@ -108,6 +108,8 @@ def build_stage(
 ) -> StageModel:
     """Build the stage holding ``blocks`` (profile block names) and load its tensors onto ``device``.
 
+    ``dtype`` defaults to the one the config names, as for the profile.
+
     Only the stage's tensors are read from the checkpoint, lazily, so host memory stays
     near the stage's own size.
 
@@ -121,7 +123,7 @@ def build_stage(
             f"base model is embed_tokens → layers → norm followed by lm_head: {', '.join(SUPPORTED_MODEL_TYPES)}; "
             "run it with devicemap.load and a device map instead"
         )
-    model = build_on_meta(config, dtype or _checkpoint_dtype(checkpoint)).eval()
+    model = build_on_meta(config, dtype or config_dtype(config)).eval()
     layout = _layout_of(model, blocks)
     _drop_other_stages(model, layout)
     _load_tensors(model, checkpoint, layout, device)
@@ -130,22 +132,9 @@ def build_stage(
     return StageModel(model, layout, device)
 
 
-def _checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype:
-    """The floating dtype most of the checkpoint's bytes are stored in."""
-    bytes_by_dtype: dict[torch.dtype, int] = {}
-    for info in checkpoint.tensors.values():
-        if info.dtype.is_floating_point:
-            bytes_by_dtype[info.dtype] = bytes_by_dtype.get(info.dtype, 0) + info.size_bytes
-    return max(bytes_by_dtype, key=bytes_by_dtype.__getitem__, default=torch.float32)
-
-
-def _module_names(model: PreTrainedModel) -> dict[str, nn.Module]:
-    return dict(model.named_modules())
-
-
 def _layout_of(model: PreTrainedModel, blocks: tuple[str, ...]) -> StageLayout:
     """Map profile block names onto the standard layout; anything else with weights is refused."""
-    modules = _module_names(model)
+    modules = dict(model.named_modules())
     name_of = {id(module): name for name, module in modules.items()}
     decoder = model.get_decoder()
     layers_name = name_of[id(decoder.layers)]

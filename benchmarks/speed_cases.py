@@ -6,7 +6,7 @@ side by side, and the targets of issue 4 that row must meet. Both systems of a r
 always get the same device map.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from .speed_checkpoints import BenchModel, short_dtype
 
@@ -104,7 +104,10 @@ class Comparison:
     reference: str | None = None
     reference_metric: str | None = None
     reference_label: str = ""
-    targets: tuple[Target, ...] = field(default=())
+    targets: tuple[Target, ...] = ()
+    # transformers' ratio is taken to its own counterpart of the reference where one exists
+    # (its own in-memory speed), as issue 4 quotes it; otherwise to the same reference.
+    transformers_reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,11 +123,12 @@ class SuiteModels:
 def layer_map(layer_count: int, first_offloaded: int, offload_device: str, home: str | int = "cpu") -> dict:
     """A Llama device map: layers from ``first_offloaded`` on ``offload_device``, the rest on ``home``.
 
-    >>> layer_map(4, 2, "disk")
-    {'model.embed_tokens': 'cpu', 'model.layers.0': 'cpu', 'model.layers.1': 'cpu', 'model.layers.2': 'disk', 'model.layers.3': 'disk', 'model.norm': 'cpu', 'lm_head': 'cpu'}
+    >>> layer_map(2, 1, "disk")
+    {'model.embed_tokens': 'cpu', 'model.rotary_emb': 'cpu', 'model.layers.0': 'cpu', 'model.layers.1': 'disk', 'model.norm': 'cpu', 'lm_head': 'cpu'}
     """
+    # The rotary embedding holds buffers only; devicemap wants every module's tensors placed.
     layers = {f"model.layers.{i}": offload_device if i >= first_offloaded else home for i in range(layer_count)}
-    return {"model.embed_tokens": home, **layers, "model.norm": home, "lm_head": home}
+    return {"model.embed_tokens": home, "model.rotary_emb": home, **layers, "model.norm": home, "lm_head": home}
 
 
 def offload_maps(layer_count: int) -> dict[str, str | dict]:
@@ -183,10 +187,15 @@ def gpu_cases(model: BenchModel, layer_count: int, offloaded_bytes: int) -> list
 
 
 def comparisons(cases: list[Case]) -> list[Comparison]:
-    """The table's rows for ``cases``, in the order of issue 4's targets."""
+    """The table's rows for ``cases``, in the order of issue 4's targets.
+
+    Rows are made from the devicemap cases of the full suite, then kept where the run
+    has either system's case, so that ``--only transformers`` still shows its column.
+    """
     keys = {case.key for case in cases}
-    rows = decode_rows(cases) + prefill_rows(cases) + load_rows(cases)
-    return [row for row in rows if row.devicemap in keys]
+    everything = [replace(case, system="devicemap") if case.system == "transformers" else case for case in cases]
+    rows = decode_rows(everything) + prefill_rows(everything) + load_rows(everything)
+    return [row for row in dict.fromkeys(rows) if row.devicemap in keys or row.transformers in keys]
 
 
 def decode_rows(cases: list[Case]) -> list[Comparison]:
@@ -203,7 +212,7 @@ def decode_row(case: Case) -> Comparison:
                           _with(case, system="h2d"), "bound_tokens_per_s", "H2D bound")
     target = Target("reference", _DECODE_TARGETS[case.placement], at_most=False)
     return Comparison(DECODE_SECTION, _label(case), "decode_tokens_per_s", case.key, transformers,
-                      _sibling(case, MEMORY), None, "in memory", (target,))
+                      _memory(case).key, None, "in memory", (target,), _with(_memory(case), "transformers"))
 
 
 def dispatch_row() -> Comparison:
@@ -216,13 +225,14 @@ def dispatch_row() -> Comparison:
 def prefill_rows(cases: list[Case]) -> list[Comparison]:
     rows = []
     for case in _devicemap_cases(cases, "prefill"):
-        offloaded = case.placement not in (MEMORY, GPU)
-        rows.append(Comparison(
-            PREFILL_SECTION, _label(case), "prefill_s", case.key, _with(case, system="transformers"),
-            _sibling(case, GPU if case.gpu else MEMORY) if offloaded else None, None,
-            "in memory" if offloaded else "",
-            (Target("transformers", 1.0, at_most=True),) if offloaded else (),
-        ))
+        transformers = _with(case, system="transformers")
+        if case.placement in (MEMORY, GPU):
+            rows.append(Comparison(PREFILL_SECTION, _label(case), "prefill_s", case.key, transformers))
+            continue
+        memory = _memory(case)
+        rows.append(Comparison(PREFILL_SECTION, _label(case), "prefill_s", case.key, transformers,
+                               memory.key, None, "in memory", (Target("transformers", 1.0, at_most=True),),
+                               _with(memory, "transformers")))
     return rows
 
 
@@ -247,8 +257,9 @@ def _devicemap_cases(cases: list[Case], measure: str | None) -> list[Case]:
     return [case for case in cases if case.system == "devicemap" and (measure is None or measure in case.measures)]
 
 
-def _sibling(case: Case, placement: str) -> str:
-    return f"{case.system}/{case.model}/{placement}"
+def _memory(case: Case) -> Case:
+    """The same system and checkpoint with nothing offloaded: on the GPU for GPU cases."""
+    return replace(case, placement=GPU if case.gpu else MEMORY)
 
 
 def _with(case: Case, system: str) -> str:

@@ -93,6 +93,7 @@ def evaluate(comparison: Comparison, results: dict[str, CaseResult]) -> Row:
     ours = summarise(results.get(comparison.devicemap), comparison.metric)
     theirs = summarise(results.get(comparison.transformers), comparison.metric)
     reference = summarise(results.get(comparison.reference), reference_metric)
+    their_reference = summarise(results.get(comparison.transformers_reference or comparison.reference), reference_metric)
     ratios = {"transformers": _ratio(ours, theirs), "reference": _ratio(ours, reference)}
     return Row(
         comparison.section,
@@ -105,7 +106,7 @@ def evaluate(comparison: Comparison, results: dict[str, CaseResult]) -> Row:
         reference_metric,
         ratios["transformers"],
         ratios["reference"],
-        _ratio(theirs, reference),
+        _ratio(theirs, their_reference),
         comparison.targets,
         verdict(comparison.targets, ratios),
         same_tokens(results, comparison) if comparison.metric == "decode_tokens_per_s" else None,

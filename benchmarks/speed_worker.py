@@ -102,7 +102,8 @@ def load_with_devicemap(case: dict, offload_folder: Path):
     """``devicemap.load`` with the case's device map."""
     from devicemap.load import load
 
-    return load(case["folder"], device_map=case["device_map"], dtype=_dtype(case), offload_folder=offload_folder)
+    return load(case["folder"], device_map=case["device_map"], dtype=_dtype(case), offload_folder=offload_folder,
+                progress=False)
 
 
 def load_plain(case: dict, offload_folder: Path):

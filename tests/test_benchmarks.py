@@ -184,3 +184,21 @@ def test_random_llama_checkpoint_is_sharded_and_loads_in_transformers(tmp_path):
 
 def test_one_entry_knows_every_suite():
     assert set(SUITES) == {"speed", "plan", "pipeline"}
+
+
+def test_a_run_of_transformers_cases_alone_still_has_their_rows():
+    only_transformers = select(suite_cases(), ["transformers/"])
+    rows = comparisons(only_transformers)
+    assert rows and {row.transformers for row in rows} <= {case.key for case in only_transformers}
+    assert len({(row.section, row.label) for row in rows}) == len(rows)
+
+
+def test_transformers_offload_ratio_is_taken_to_its_own_in_memory_speed():
+    cases = suite_cases()
+    results = results_of(cases, {
+        "devicemap/demo-fp32/memory": [run(decode_s=1.0, new_tokens=10)],
+        "transformers/demo-fp32/memory": [run(decode_s=2.0, new_tokens=10)],
+        "transformers/demo-fp32/half-disk": [run(decode_s=4.0, new_tokens=10)],
+    })
+    row = row_named(rows_for(comparisons(cases), results), DECODE_SECTION, "demo fp32, 2nd half of layers on disk")
+    assert row.transformers_vs_reference == pytest.approx(0.5)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 
 from .errors import DeviceMapError
@@ -135,6 +136,7 @@ def _generate_here(model_path: Path, prompts: list[str], args) -> int:
     inputs = _tokenize(tokenizer, prompts, args.chat)
     prompt_tokens = inputs["input_ids"].shape[1]
     workload = Workload(len(prompts), prompt_tokens + args.max_new_tokens)
+    resident_before_bytes = psutil.Process().memory_info().rss
     model = load(
         model_path,
         device_map=_device_map_argument(args.device_map),
@@ -145,9 +147,7 @@ def _generate_here(model_path: Path, prompts: list[str], args) -> int:
         offload=not args.no_offload,
     )
     plan = model.devicemap_plan
-    console.print(plan.table())
-    for line in plan.summary():
-        console.print(line, soft_wrap=True)
+    console.print(str(plan), soft_wrap=True)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if len(prompts) == 1 else None
     started = time.perf_counter()
     output = model.generate(
@@ -164,7 +164,7 @@ def _generate_here(model_path: Path, prompts: list[str], args) -> int:
             print(text)
     generated = int((new_tokens != (tokenizer.pad_token_id or -1)).sum())
     console.print(f"\n{generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tokens/s")
-    console.print(memory_report(plan))
+    console.print(memory_report(plan, resident_before_bytes))
     return 0
 
 
@@ -180,13 +180,13 @@ def _tokenize(tokenizer, prompts: list[str], chat: bool):
     return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
 
 
-def memory_report(plan: Plan) -> str:
+def memory_report(plan: Plan, resident_before_bytes: int) -> str:
     """Per device, the memory the plan predicted beside what this process used.
 
-    CUDA: peak allocated bytes; CPU: resident memory of the process (which also holds the
-    Python runtime and the pages of memory-mapped weights it touched).
+    CUDA: peak allocated bytes; CPU: resident memory of the process, beside what it held
+    before loading (the Python runtime, torch, the tokenizer); it also counts the pages of
+    memory-mapped weights the run touched, which the kernel may reclaim.
     """
-    import psutil
     import torch
 
     from .units import format_size
@@ -196,7 +196,8 @@ def memory_report(plan: Plan) -> str:
         if row.device.startswith("cuda:"):
             used = format_size(torch.cuda.max_memory_allocated(int(row.device[5:])))
         elif row.device == "cpu":
-            used = f"{format_size(psutil.Process().memory_info().rss)} resident"
+            resident = format_size(psutil.Process().memory_info().rss)
+            used = f"{resident} resident, {format_size(resident_before_bytes)} of it before loading"
         else:
             continue
         lines.append(f"  {row.device}: planned {format_size(row.used_bytes)}, used {used}")

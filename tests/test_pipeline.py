@@ -52,6 +52,16 @@ def _save_qwen2(folder: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """References run single-threaded, like the stages: on a shared machine, two busy-waiting
+    OpenMP threads make a 6-token generate take seconds instead of a fraction of one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory) -> Path:
     return _save_qwen2(tmp_path_factory.mktemp("pipeline") / "qwen2")

@@ -82,6 +82,8 @@ def _as_tuple(token_ids: int | Sequence[int] | None) -> tuple[int, ...]:
 
 def _left_padded(prompts: Prompts, attention_mask: torch.Tensor | None, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(prompts, torch.Tensor):
+        if attention_mask is not None:
+            raise DeviceMapError("attention_mask goes with a padded tensor of input_ids; token lists need none")
         return _pad_left([list(row) for row in prompts], pad)
     if prompts.ndim != 2:
         raise DeviceMapError(f"input_ids has shape {list(prompts.shape)}; pass [batch, tokens]")

@@ -173,19 +173,33 @@ class _Materializer:
         if source.direct:
             tensor = self.checkpoint.tensor_to(source.keys[0], device, dtype)
         else:
-            tensor = source.make(self.checkpoint.tensor, self.model).to(device=device, dtype=dtype)
-            expected = tuple(self.sources.found_shapes[source.target])
-            if tuple(tensor.shape) != expected:
-                raise CheckpointError(
-                    f"{self.checkpoint.folder}: tensor {source.target} built from {len(source.keys)} checkpoint "
-                    f"tensors ({source.keys[0]}, …) has shape {list(tensor.shape)}, but the model expects "
-                    f"{list(expected)}; check that config.json describes these weights"
-                )
+            tensor = self._fuse(source).to(device=device, dtype=dtype)
         for key in source.keys:
             view = self.checkpoint.tensor(key)
             if tensor.data_ptr() != view.data_ptr():
                 # Read only to be copied: give the pages back so they do not add up in this process.
                 unmap_pages(view)
+        return tensor
+
+    def _fuse(self, source: Source) -> torch.Tensor:
+        """Build a tensor the model keeps fused (e.g. all experts of a layer) from its checkpoint tensors."""
+        where = (
+            f"{self.checkpoint.folder}: tensor {source.target} is built from {len(source.keys)} checkpoint "
+            f"tensors ({source.keys[0]} …)"
+        )
+        try:
+            tensor = source.make(self.checkpoint.tensor, self.model)
+        except (RuntimeError, ValueError) as error:
+            raise CheckpointError(
+                f"{where} and they do not fit together: {str(error).splitlines()[0]}; check that config.json "
+                "describes these weights and that every file was copied"
+            ) from None
+        expected = tuple(self.sources.found_shapes[source.target])
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(
+                f"{where}, which make shape {list(tensor.shape)} where the model expects {list(expected)}; "
+                "check that config.json describes these weights"
+            )
         return tensor
 
     def _write_block(self, block_name: str, pending: list[tuple[_Tensor, Source]]) -> None:

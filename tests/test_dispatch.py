@@ -1,0 +1,209 @@
+"""Dispatch: hooks at block boundaries only, inputs moved, offloaded weights fetched ahead and let go."""
+
+import gc
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from models import build_random_model
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from devicemap.dispatch import _moved, _Prefetcher, dispatch, is_dispatched, remove_dispatch
+from devicemap.load import load
+from devicemap.paging import PageRange, page_ranges
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+
+
+def llama_map(layer_device: str, layers=range(6)) -> dict[str, str]:
+    others = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    return {**others, **{f"model.layers.{i}": layer_device if i in layers else "cpu" for i in range(6)}}
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+def hooked(model) -> tuple[dict[str, int], dict[str, int]]:
+    """Module name → number of forward pre-hooks, and of forward hooks, for every hooked module."""
+    modules = dict(model.named_modules())
+    pre = {name: len(module._forward_pre_hooks) for name, module in modules.items() if module._forward_pre_hooks}
+    post = {name: len(module._forward_hooks) for name, module in modules.items() if module._forward_hooks}
+    return pre, post
+
+
+IDS = torch.tensor([[5, 17, 42, 99, 3]])
+
+
+class Recorder:
+    """A fetcher that records what the prefetcher asks of it."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str]] = []
+
+    def __getattr__(self, action):
+        return lambda name: self.calls.append((action, name))
+
+
+def test_every_block_gets_one_pre_hook_and_no_module_below_a_block_gets_any(random_model_folder):
+    model = load(random_model_folder("llama"), device_map="cpu")
+    pre, post = hooked(model)
+    blocks = [placement.block for placement in model.devicemap_plan.placements]
+    assert sorted(pre) == sorted(blocks)
+    assert set(pre.values()) == {1}
+    assert post == {"": 1}, "only the model's output goes back to its inputs' device"
+
+
+def test_offloaded_blocks_also_get_a_hook_that_lets_their_weights_go(random_model_folder, tmp_path):
+    model = load(random_model_folder("llama"), device_map=llama_map("disk", [2, 3]), offload_folder=tmp_path)
+    _, post = hooked(model)
+    assert post == {"": 1, "model.layers.2": 1, "model.layers.3": 1}
+
+
+def test_remove_dispatch_takes_every_hook_and_thread_away(random_model_folder, tmp_path):
+    model = load(random_model_folder("llama"), device_map=llama_map("disk"), offload_folder=tmp_path)
+    executor = model.__dict__["_devicemap_dispatch"].executor
+    remove_dispatch(model)
+    assert hooked(model) == ({}, {})
+    assert not is_dispatched(model)
+    assert executor._shutdown
+
+
+def test_dispatching_a_module_in_memory_onto_disk_writes_safetensors_and_keeps_its_outputs(tmp_path):
+    model = build_random_model("llama")
+    expected = logits(model, IDS)
+    dispatch(model, llama_map("disk", [0, 5]), offload_folder=tmp_path)
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.startswith("devicemap-")
+    files = sorted(folder.iterdir())
+    assert len(files) == 2
+    with safe_open(str(files[0]), framework="pt") as written:
+        assert torch.equal(written.get_tensor("model.layers.0.mlp.up_proj.weight"), model.model.layers[0].mlp.up_proj.weight)
+    weight = model.model.layers[5].self_attn.q_proj.weight
+    assert weight.untyped_storage().nbytes() <= files[1].stat().st_size, "a view of the file, not a copy"
+    assert torch.equal(logits(model, IDS), expected)
+
+
+def test_dispatch_never_touches_files_it_did_not_create_and_removes_its_own_with_the_model(tmp_path):
+    theirs = tmp_path / "devicemap-notes.txt"
+    theirs.write_text("kept")
+    (tmp_path / "block-00000.safetensors").write_bytes(b"not ours")
+    model = dispatch(build_random_model("llama"), llama_map("disk"), offload_folder=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 3
+    del model
+    gc.collect()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["block-00000.safetensors", "devicemap-notes.txt"]
+    assert theirs.read_text() == "kept"
+
+
+def test_dispatch_on_a_map_of_one_device_keeps_outputs():
+    model = build_random_model("gpt2")
+    expected = logits(model, IDS)
+    dispatch(model, "cpu")
+    assert torch.equal(logits(model, IDS), expected)
+
+
+def test_tied_weights_written_to_disk_stay_one_tensor(tmp_path):
+    model = build_random_model("llama-tied")
+    head = {"model.embed_tokens": "disk", "lm_head": "disk", "model": "cpu"}
+    dispatch(model, head, offload_folder=tmp_path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_inputs_are_moved_through_tuples_and_dicts_and_caches_are_left_alone():
+    class Cache:
+        pass
+
+    cache = Cache()
+    inputs = ((torch.ones(2), [torch.zeros(1)]), {"mask": torch.ones(3), "cache": cache, "n": 3})
+    moved = _moved(inputs, torch.device("meta"), non_blocking=False)
+    assert moved[0][0].device.type == "meta" and moved[0][1][0].device.type == "meta"
+    assert moved[1]["mask"].is_meta and moved[1]["cache"] is cache and moved[1]["n"] == 3
+    assert inputs[1]["mask"].device.type == "cpu", "the caller's dict is not changed"
+    assert _moved(inputs, torch.device("cpu"), non_blocking=False) is inputs, "nothing to move: no copy"
+
+
+def test_the_prefetcher_fetches_the_next_blocks_in_plan_order_cyclically():
+    recorder = Recorder()
+    prefetcher = _Prefetcher(["a", "b", "c"], dict.fromkeys("abc", recorder), depth=2)
+    prefetcher.before("c")
+    prefetcher.after("c")
+    assert recorder.calls == [("prepare", "c"), ("fetch_ahead", "a"), ("fetch_ahead", "b"), ("bind", "c"), ("unbind", "c")]
+
+
+def test_the_prefetcher_learns_the_order_blocks_really_run_in():
+    recorder = Recorder()
+    prefetcher = _Prefetcher(["enc", "dec.0", "dec.1"], dict.fromkeys(["enc", "dec.0", "dec.1"], recorder), depth=1)
+    for name in ["enc", "dec.0", "dec.1", "dec.0", "dec.1", "dec.0"]:
+        prefetcher.before(name)
+        prefetcher.after(name)
+    ahead = [name for action, name in recorder.calls if action == "fetch_ahead"]
+    assert ahead == ["dec.0", "dec.1", "enc", "dec.1", "dec.0", "dec.1"]
+
+
+def test_page_ranges_cover_whole_pages_and_merge_neighbours():
+    buffer = torch.empty(3 * 4096, dtype=torch.uint8)
+    first, second = buffer[10:100], buffer[100:5000]
+    (merged,) = page_ranges([second, first])
+    assert merged.start % 4096 == 0 and merged.length_bytes % 4096 == 0
+    assert merged.start <= first.data_ptr() and second.data_ptr() + second.nbytes <= merged.start + merged.length_bytes
+    assert page_ranges([torch.empty(0)]) == ()
+    assert isinstance(merged, PageRange)
+
+
+def _mapped_bytes(folder: Path) -> int:
+    """Bytes of files under ``folder`` that this process has mapped in memory now (smaps Rss)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields[0]) > 8 and ":" not in fields[0]:
+                inside = len(fields) >= 6 and fields[5].startswith(str(folder))
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@linux
+def test_a_resident_limit_keeps_disk_blocks_mapped_bytes_under_it(random_model_folder, tmp_path):
+    folder = random_model_folder("llama")
+    unlimited = load(folder, device_map=llama_map("disk"), dtype=torch.bfloat16, offload_folder=tmp_path / "a")
+    logits(unlimited, IDS)
+    everything = _mapped_bytes(tmp_path / "a")
+    limit = everything // 3
+    limited = load(
+        folder, device_map=llama_map("disk"), dtype=torch.bfloat16, offload_folder=tmp_path / "b",
+        disk_resident_bytes=limit,
+    )  # fmt: skip
+    logits(limited, IDS)
+    assert everything > 0
+    assert _mapped_bytes(tmp_path / "b") <= limit + 2 * 4096 * 6
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("stored", ["cpu", "disk"])
+def test_blocks_streamed_to_the_gpu_generate_the_plain_models_tokens(stored, random_model_folder, tmp_path):
+    folder = random_model_folder("llama")
+    placed = {**{key: 0 for key in llama_map("cpu")}, **{f"model.layers.{i}": stored for i in range(1, 6)}}
+    model = load(folder, device_map=placed, offload_folder=tmp_path)
+    assert {p.execution_device for p in model.devicemap_plan.offloaded()} == {"cuda:0"}
+    reference = AutoModelForCausalLM.from_pretrained(folder, device_map=0)
+    ids = IDS.to("cuda:0")
+    expected = reference.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+
+
+@gpu
+@needs_cuda
+def test_outputs_return_to_the_inputs_device_and_the_cache_stays_with_its_layers(random_model_folder):
+    model = load(random_model_folder("llama"), device_map={**llama_map("cpu"), "model.layers.3": 0})
+    output = model(input_ids=IDS, use_cache=True)
+    assert output.logits.device.type == "cpu"
+    layer_devices = [layer.keys.device.type for layer in output.past_key_values.layers]
+    assert layer_devices == ["cpu", "cpu", "cpu", "cuda", "cpu", "cpu"]

@@ -65,10 +65,17 @@ class Request:
 
     def to_json(self) -> str:
         """The request as one line of JSON (token ids as lists), for a worker's control pipe."""
-        fields = {**asdict(self), "sampling": asdict(self.sampling)}
-        fields["input_ids"] = self.input_ids.tolist()
-        fields["attention_mask"] = self.attention_mask.tolist()
-        return json.dumps(fields)
+        return json.dumps(
+            {
+                "input_ids": self.input_ids.tolist(),
+                "attention_mask": self.attention_mask.tolist(),
+                "max_new_tokens": self.max_new_tokens,
+                "eos_token_ids": list(self.eos_token_ids),
+                "pad_token_id": self.pad_token_id,
+                "micro_batches": self.micro_batches,
+                "sampling": asdict(self.sampling),
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "Request":

@@ -179,17 +179,20 @@ def _report(reply, error: BaseException) -> None:
     """Tell the launcher why this rank stops: a lost peer, or the cause itself."""
     if isinstance(error, PeerLostError):
         report = {"kind": "peer", "peer": error.peer, "message": str(error)}
+    elif isinstance(error, DeviceMapError):
+        report = {"kind": "cause", "message": str(error)}
     else:
-        text = f"{type(error).__name__}: {error}" if not isinstance(error, DeviceMapError) else str(error)
-        if not isinstance(error, DeviceMapError):
-            frame = traceback.extract_tb(error.__traceback__)[-1:]
-            text += "".join(f" (at {f.filename}:{f.lineno} in {f.name})" for f in frame)
-            traceback.print_exception(error, file=sys.stderr)
-        report = {"kind": "cause", "message": text}
+        traceback.print_exception(error, file=sys.stderr)  # the whole story, for whoever debugs it
+        report = {"kind": "cause", "message": f"{type(error).__name__}: {error}{_where(error)}"}
     try:
         _send(reply, {"error": report})
     except OSError:
         pass  # the launcher is gone; it cannot be told
+
+
+def _where(error: BaseException) -> str:
+    frames = traceback.extract_tb(error.__traceback__)
+    return f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with os.fdopen(args.control_fd, "r") as control:
             rank = join(WorkerSpec.from_json(args.spec))
-            _send(reply, {"ready": {"rank": rank.rank, "blocks": len(rank.stage.layout.layers)}})
+            _send(reply, {"ready": {"rank": rank.rank}})
             serve(rank, control, reply)
         leave()
     except BaseException as error:  # every failure must reach the launcher, then end this rank at once

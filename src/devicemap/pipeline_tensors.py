@@ -1,30 +1,19 @@
 """A stage's tensors from a checkpoint: only the ones it needs, read lazily, in the module's layout.
 
 Checkpoints keep transformers' saved layout, which can differ from the modules': a
-mixture-of-experts layer saves one tensor per expert and computes with them fused. The
-names to read come from transformers' own conversion run backwards on the stage's
-``meta`` tensors (no data), and the tensors read are converted forwards with the same
-conversion, so the stage gets exactly what ``from_pretrained`` would give it. A tensor
-tied to another (an output head sharing the embedding) is read under its partner's
-name when the checkpoint stores it once.
+mixture-of-experts layer saves one tensor per expert and computes with them fused.
+``sources.map_sources`` says which checkpoint tensors make each module tensor, by
+transformers' own rules, so the stage gets exactly what ``from_pretrained`` would give
+it while reading nothing outside the stage. A tensor tied to another (an output head
+sharing the embedding) is read under its partner's name when the checkpoint stores it once.
 """
-
-from copy import deepcopy
 
 import torch
 from transformers import PreTrainedModel
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import (
-    PrefixChange,
-    WeightConverter,
-    WeightRenaming,
-    dot_natural_key,
-    rename_source_key,
-    revert_weight_conversion,
-)
 
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
+from .sources import map_sources
 
 
 def read_stage_state(
@@ -36,46 +25,28 @@ def read_stage_state(
 
     >>> state = read_stage_state(model, open_checkpoint(folder), ["model.norm.weight"], torch.device("cpu"))  # doctest: +SKIP
     """
+    sources = map_sources(model, checkpoint.shapes)
     expected = model.state_dict()
-    saved = revert_weight_conversion(model, {name: expected[name] for name in names})
     aliases = _tied_aliases(model)
-    missing, mismatched, read = [], [], {}
-    for name, like in saved.items():
-        source = next((alias for alias in (name, *aliases.get(name, ())) if alias in checkpoint.tensors), None)
-        if source is None:
+    state, missing, mismatched = {}, [], []
+    for name in names:
+        found = next((alias for alias in (name, *aliases.get(name, ())) if alias in sources.sources), None)
+        if found is None:
             missing.append(name)
-        elif tuple(checkpoint.tensors[source].shape) != tuple(like.shape):
-            found = list(checkpoint.tensors[source].shape)
-            mismatched.append(f"{name} expects {list(like.shape)}, checkpoint has {found}")
-        else:
-            read[name] = checkpoint.tensor_to(source, device, like.dtype if like.dtype.is_floating_point else None)
+            continue
+        like = expected[name]
+        if sources.sources[found].direct and tuple(sources.found_shapes[found]) != tuple(like.shape):
+            mismatched.append(f"{name} expects {list(like.shape)}, checkpoint has {list(sources.found_shapes[found])}")
+            continue
+        dtype = like.dtype if like.dtype.is_floating_point else None
+        tensor = sources.sources[found].make(lambda key: checkpoint.tensor_to(key, device, dtype), model)
+        if tuple(tensor.shape) != tuple(like.shape):
+            mismatched.append(f"{name} expects {list(like.shape)}, its checkpoint tensors make {list(tensor.shape)}")
+            continue
+        state[name] = tensor
+        state.update({alias: tensor for alias in aliases.get(name, ())})  # a tied tensor stays one tensor
     if missing or mismatched:
         raise CheckpointError(_describe_bad_tensors(checkpoint, missing, mismatched))
-    state = _to_module_layout(model, read)
-    for name in list(state):
-        for alias in aliases.get(name, ()):
-            state.setdefault(alias, state[name])  # a tied tensor stays one tensor under all its names
-    return state
-
-
-def _to_module_layout(model: PreTrainedModel, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Apply transformers' load-time conversion (renames, fused experts…) to tensors in saved layout."""
-    # A model built from its config, not loaded, has no prefix to strip: as in revert_weight_conversion.
-    transforms = [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)]
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    converter_of = {pattern: converter for converter in converters for pattern in converter.source_patterns}
-    pending: dict[str, WeightRenaming | WeightConverter] = {}
-    for name in sorted(saved, key=dot_natural_key):
-        target, pattern = rename_source_key(name, renamings, converters)
-        if pattern is None:
-            pending.setdefault(target, WeightRenaming(name, target)).add_tensor(target, name, name, saved[name])
-        else:
-            pending.setdefault(target, deepcopy(converter_of[pattern])).add_tensor(target, name, pattern, saved[name])
-    state = {}
-    for target, transform in pending.items():
-        for name, value in transform.convert(target, model=model, config=model.config).items():
-            state[name] = value[0] if isinstance(value, list) else value
     return state
 
 

@@ -80,7 +80,7 @@ class Workers:
             wait_for_workers=False, master_listen_fd=listener.detach(),
         )  # fmt: skip
         self._ranks: list[_Rank] = []
-        self._finalizer = weakref.finalize(self, _kill_and_reap, self._ranks)
+        self._finalizer = weakref.finalize(self, _kill_and_reap, self._ranks, os.getpid())
         env = {**env_without_port, "MASTER_PORT": str(port)}
         for rank in range(spec.stages):
             self._ranks.append(self._start(rank, spec, env))
@@ -300,8 +300,13 @@ def _diagnose(failures: dict[int, _Failure], timeout_s: float) -> str:
 _SEVERITY = {"cause": 0, "died": 1, "hung": 2, "peer": 3, "stopped": 4}
 
 
-def _kill_and_reap(ranks: list[_Rank]) -> None:
-    """Kill every worker still running and wait for each, so none is left as a zombie."""
+def _kill_and_reap(ranks: list[_Rank], launcher_pid: int) -> None:
+    """Kill every worker still running and wait for each, so none is left as a zombie.
+
+    Only the launcher does: a process forked from it inherits this cleanup, not the workers.
+    """
+    if os.getpid() != launcher_pid:
+        return
     for rank in ranks:
         if rank.process.poll() is None:
             rank.process.kill()

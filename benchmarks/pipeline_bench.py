@@ -195,7 +195,8 @@ def _result(measured: dict[str, list[Run]], tokens: int, new_tokens: int, folder
 
 
 def _table(result: dict) -> Table:
-    table = Table(title=f"pipeline: 2 gloo stages × 1 thread, batch {result['batch']}, {result['new_tokens']} new tokens")
+    title = f"pipeline: 2 gloo stages × 1 thread, batch {result['batch']}, {result['new_tokens']} new tokens"
+    table = Table(title=title)
     columns = ("variant", "best wall s", "tokens/s", "pipelined ÷", "CPU s per process", "CPU-bound tokens/s",
                "pipelined ÷", "target")  # fmt: skip
     for column in columns:

@@ -151,7 +151,8 @@ def test_rank_budgets_name_ranks_of_the_pipeline_only():
 
 def test_two_stages_greedy_equals_transformers_generate_on_a_ragged_batch(demo_pipe, demo_reference, demo_batch):
     ids, mask = demo_batch["input_ids"], demo_batch["attention_mask"]
-    assert torch.equal(demo_pipe.generate(ids, mask, max_new_tokens=8), _reference(demo_reference, ids, mask, max_new_tokens=8))
+    expected = _reference(demo_reference, ids, mask, max_new_tokens=8)
+    assert torch.equal(demo_pipe.generate(ids, mask, max_new_tokens=8), expected)
 
 
 def test_sequences_that_hit_eos_early_continue_with_padding_as_in_generate(demo_pipe, demo_reference, demo_batch):

@@ -160,7 +160,9 @@ class Pipeline:
         new_tokens = torch.tensor(self._workers.generate(request), dtype=torch.int64)
         return torch.cat([request.input_ids, new_tokens], dim=1)
 
-    def generate_text(self, prompts: Sequence[str], *, max_new_tokens: int = 20, chat: bool = False, **options) -> list[str]:
+    def generate_text(
+        self, prompts: Sequence[str], *, max_new_tokens: int = 20, chat: bool = False, **options
+    ) -> list[str]:
         """Generate a continuation of each prompt; ``chat`` wraps them in the model's chat template.
 
         >>> pipe.generate_text(["What is machine learning?"], max_new_tokens=30)  # doctest: +SKIP

@@ -113,7 +113,8 @@ def build_stage(
     Only the stage's tensors are read from the checkpoint, lazily, so host memory stays
     near the stage's own size.
 
-    >>> stage = build_stage(demo_model_path(), ("model.embed_tokens", "model.layers.0"), torch.device("cpu"))  # doctest: +SKIP
+    >>> blocks = ("model.embed_tokens", "model.layers.0")
+    >>> stage = build_stage(demo_model_path(), blocks, torch.device("cpu"))  # doctest: +SKIP
     """
     checkpoint = open_checkpoint(folder)
     config = load_config(checkpoint.folder)
@@ -188,7 +189,8 @@ def _stage_modules(model: PreTrainedModel, layout: StageLayout) -> dict[str, nn.
 
 def _load_tensors(model: PreTrainedModel, checkpoint: Checkpoint, layout: StageLayout, device: torch.device) -> None:
     """Assign the stage's tensors from the checkpoint, each straight onto ``device``."""
-    names = [f"{prefix}.{name}" for prefix, module in _stage_modules(model, layout).items() for name in module.state_dict()]
+    modules = _stage_modules(model, layout)
+    names = [f"{prefix}.{name}" for prefix, module in modules.items() for name in module.state_dict()]
     model.load_state_dict(read_stage_state(model, checkpoint, names, device), strict=False, assign=True)
 
 

@@ -20,7 +20,8 @@ Prompts = torch.Tensor | Sequence[Sequence[int]]
 def tokenize(tokenizer, prompts: Sequence[str], chat: bool = False) -> dict[str, torch.Tensor]:
     """Left-padded token ids and mask for ``prompts``, wrapped in the chat template when ``chat``.
 
-    >>> tokenize(AutoTokenizer.from_pretrained(demo_model_path()), ["Hi", "Hello there"])["attention_mask"]  # doctest: +SKIP
+    >>> tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
+    >>> tokenize(tokenizer, ["Hi", "Hello there"])["attention_mask"]  # doctest: +SKIP
     tensor([[0, 1], [1, 1]])
     """
     if chat:
@@ -35,7 +36,10 @@ def tokenize(tokenizer, prompts: Sequence[str], chat: bool = False) -> dict[str,
 
 
 def special_tokens(
-    model: Path, config: PretrainedConfig, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None
+    model: Path,
+    config: PretrainedConfig,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> tuple[tuple[int, ...], int]:
     """The EOS token ids and the pad token id: as given, else the model's own.
 

@@ -44,7 +44,9 @@ class Sampling:
 
     def __post_init__(self):
         if not self.temperature > 0:
-            raise DeviceMapError(f"temperature {self.temperature!r} must be more than 0; use do_sample=False for greedy")
+            raise DeviceMapError(
+                f"temperature {self.temperature!r} must be more than 0; use do_sample=False for greedy"
+            )
         if self.top_k is not None and self.top_k < 1:
             raise DeviceMapError(f"top_k {self.top_k!r} must be at least 1, or None to keep every token")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -129,9 +131,8 @@ class _Sampler:
             for warper in self.warpers:
                 scores = warper(None, scores)
             probabilities = torch.softmax(scores, dim=-1)
-            tokens = torch.cat(
-                [torch.multinomial(row, 1, generator=generator) for row, generator in zip(probabilities, self.generators)]
-            )
+            rows = zip(probabilities, self.generators)
+            tokens = torch.cat([torch.multinomial(row, 1, generator=generator) for row, generator in rows])
         else:
             tokens = logits.argmax(dim=-1)
         tokens = torch.where(self.unfinished, tokens, self.request.pad_token_id)

@@ -259,7 +259,9 @@ def _copy_tied_weights(profile: Profile) -> Profile:
         first, *others = sorted(group, key=order.__getitem__)
         for name in others:
             copied[name] = copied.get(name, 0) + by_name[first].weight_bytes
-    blocks = tuple(replace(block, weight_bytes=block.weight_bytes + copied.get(block.name, 0)) for block in profile.blocks)
+    blocks = tuple(
+        replace(block, weight_bytes=block.weight_bytes + copied.get(block.name, 0)) for block in profile.blocks
+    )
     return replace(profile, blocks=blocks, tied=())
 
 

@@ -23,7 +23,8 @@ def read_stage_state(
 
     Tied partners of those tensors come too, under their own names, sharing the data.
 
-    >>> state = read_stage_state(model, open_checkpoint(folder), ["model.norm.weight"], torch.device("cpu"))  # doctest: +SKIP
+    >>> checkpoint = open_checkpoint(folder)
+    >>> state = read_stage_state(model, checkpoint, ["model.norm.weight"], torch.device("cpu"))  # doctest: +SKIP
     """
     sources = map_sources(model, checkpoint.shapes)
     expected = model.state_dict()

@@ -1,6 +1,7 @@
 """The speed suite's pure parts: its cases, rows, verdicts, table and JSON, from made-up figures."""
 
 import json
+from dataclasses import asdict
 from datetime import datetime
 from io import StringIO
 from pathlib import Path
@@ -11,7 +12,21 @@ from rich.console import Console
 
 from benchmarks.__main__ import SUITES
 from benchmarks.speed import select
-from benchmarks.speed_cases import ALL_DISK, DECODE_SECTION, HALF_DISK, LOAD_SECTION, MEMORY, Case, Settings, SuiteModels, comparisons, cpu_cases, layer_map
+from benchmarks.speed_cases import (
+    ALL_DISK,
+    DECODE_SECTION,
+    GPU_HALF_CPU,
+    HALF_DISK,
+    LOAD_SECTION,
+    MEMORY,
+    Case,
+    Settings,
+    SuiteModels,
+    comparisons,
+    cpu_cases,
+    gpu_cases,
+    layer_map,
+)
 from benchmarks.speed_checkpoints import BenchModel, read_every_byte, split_evenly, write_random_llama
 from benchmarks.speed_report import CaseResult, evaluate, failures, report, rows_for, summarise, table, write_json
 
@@ -202,3 +217,34 @@ def test_transformers_offload_ratio_is_taken_to_its_own_in_memory_speed():
     })
     row = row_named(rows_for(comparisons(cases), results), DECODE_SECTION, "demo fp32, 2nd half of layers on disk")
     assert row.transformers_vs_reference == pytest.approx(0.5)
+
+
+def test_gpu_cases_stream_the_second_half_from_cpu_and_compare_with_the_copy_bound():
+    cases = gpu_cases(TINYLLAMA, 22, offloaded_bytes=10**9)
+    streamed = {case.system: case for case in cases if case.placement == GPU_HALF_CPU}
+    assert streamed["devicemap"].device_map == streamed["transformers"].device_map
+    assert [streamed["devicemap"].device_map[f"model.layers.{i}"] for i in (0, 10, 11, 21)] == [0, 0, "cpu", "cpu"]
+    assert streamed["h2d"].offloaded_bytes == 10**9 and all(case.gpu for case in cases)
+    results = results_of(cases, {
+        "devicemap/tinyllama-bf16/gpu-half-cpu": [run(decode_s=1.0, new_tokens=10)],
+        "h2d/tinyllama-bf16/gpu-half-cpu": [run(h2d_bytes_per_s=25e9, bound_tokens_per_s=25.0)],
+    })
+    row = row_named(rows_for(comparisons(cases), results), DECODE_SECTION, "tinyllama bf16, 2nd half of layers CPU→GPU")
+    assert (row.reference_label, row.vs_reference) == ("H2D bound", pytest.approx(0.4))
+
+
+def test_worker_times_both_systems_on_one_map_and_they_generate_the_same_tokens(tmp_path):
+    from benchmarks.speed_worker import measure
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": False}
+    write_random_llama(tmp_path, shape, shard_count=2)
+    settings = {"new_tokens": 4, "decode_prompt_tokens": 3, "prefill_tokens": 5}
+    figures = {}
+    for system in ("devicemap", "transformers"):
+        case = Case(system, "tiny", str(tmp_path), HALF_DISK, "bfloat16", layer_map(2, 1, "disk"), ("decode", "prefill"))
+        figures[system] = measure(asdict(case), settings)
+    for measured in figures.values():
+        assert {"load_s", "load_peak_rss_bytes", "decode_s", "prefill_s", "peak_rss_bytes"} <= set(measured)
+        assert measured["new_tokens"] == 4 and len(measured["tokens"]) == 4
+    assert figures["devicemap"]["tokens"] == figures["transformers"]["tokens"]

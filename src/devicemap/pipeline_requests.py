@@ -20,7 +20,7 @@ Prompts = torch.Tensor | Sequence[Sequence[int]]
 def tokenize(tokenizer, prompts: Sequence[str], chat: bool = False) -> dict[str, torch.Tensor]:
     """Left-padded token ids and mask for ``prompts``, wrapped in the chat template when ``chat``.
 
-    >>> tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
+    >>> tokenizer = AutoTokenizer.from_pretrained(demo_model_path())  # doctest: +SKIP
     >>> tokenize(tokenizer, ["Hi", "Hello there"])["attention_mask"]  # doctest: +SKIP
     tensor([[0, 1], [1, 1]])
     """

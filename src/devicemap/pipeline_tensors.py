@@ -23,7 +23,7 @@ def read_stage_state(
 
     Tied partners of those tensors come too, under their own names, sharing the data.
 
-    >>> checkpoint = open_checkpoint(folder)
+    >>> checkpoint = open_checkpoint(folder)  # doctest: +SKIP
     >>> state = read_stage_state(model, checkpoint, ["model.norm.weight"], torch.device("cpu"))  # doctest: +SKIP
     """
     sources = map_sources(model, checkpoint.shapes)

@@ -117,10 +117,10 @@ def prepare_models(arguments: argparse.Namespace, settings: Settings, console: C
 def cpu_budget_map(model: BenchModel, settings: Settings) -> dict:
     """devicemap's plan for ``model`` in a 1 GB CPU budget; both systems then load this one map."""
     import devicemap
-    from devicemap.api import plan
 
     workload = devicemap.Workload(batch_size=1, max_tokens=settings.prefill_tokens + settings.new_tokens)
-    placement = plan(str(model.folder), dtype=torch.bfloat16, max_memory={"cpu": CPU_BUDGET_BYTES}, workload=workload)
+    placement = devicemap.plan(str(model.folder), dtype=torch.bfloat16, max_memory={"cpu": CPU_BUDGET_BYTES},
+                               workload=workload)
     return dict(placement.device_map)
 
 

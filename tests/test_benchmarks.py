@@ -1,4 +1,4 @@
-"""The speed suite's pure parts: its cases, rows, verdicts, table and JSON, from made-up figures."""
+"""The speed suite: cases, rows, verdicts, table and JSON from made-up figures; the worker on a tiny model."""
 
 import json
 from dataclasses import asdict
@@ -234,6 +234,7 @@ def test_gpu_cases_stream_the_second_half_from_cpu_and_compare_with_the_copy_bou
 
 
 def test_worker_times_both_systems_on_one_map_and_they_generate_the_same_tokens(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers needs accelerate for a device map: pip install -e .[bench]")
     from benchmarks.speed_worker import measure
 
     shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -1,7 +1,10 @@
 """Dispatch: hooks at block boundaries only, inputs moved, offloaded weights fetched ahead and let go."""
 
 import gc
+import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from devicemap.dispatch import _moved, _Prefetcher, dispatch, is_dispatched, remove_dispatch
 from devicemap.load import load
-from devicemap.paging import PageRange, page_ranges
+from devicemap.paging import HostPager, PageRange, page_ranges
+from devicemap.streaming import aligned_offsets
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -154,6 +158,30 @@ def test_page_ranges_cover_whole_pages_and_merge_neighbours():
     assert merged.start <= first.data_ptr() and second.data_ptr() + second.nbytes <= merged.start + merged.length_bytes
     assert page_ranges([torch.empty(0)]) == ()
     assert isinstance(merged, PageRange)
+
+
+@linux
+def test_the_pager_reads_ahead_the_pages_of_a_block_that_are_not_in_memory(tmp_path):
+    path = tmp_path / "block.bin"
+    path.write_bytes(bytes(8 * 2**20))
+    weights = torch.from_file(str(path), shared=False, size=8 * 2**20, dtype=torch.uint8)
+    with path.open("rb+") as file:
+        os.fsync(file.fileno())  # only clean pages leave the page cache
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    with ThreadPoolExecutor(1) as executor:
+        pager = HostPager({"block": page_ranges([weights])}, executor)
+        assert pager._short("block"), "evicted pages are not in memory"
+        pager.fetch_ahead("block")
+    for _ in range(200):
+        if not pager._short("block"):
+            break
+        time.sleep(0.01)
+    assert not pager._short("block")
+
+
+def test_tensors_in_a_slot_start_on_aligned_boundaries_one_after_another():
+    offsets, total = aligned_offsets([torch.empty(3, dtype=torch.bfloat16), torch.empty(10), torch.empty(0)])
+    assert offsets == [0, 256, 512] and total == 512
 
 
 def _mapped_bytes(folder: Path) -> int:

@@ -139,13 +139,13 @@ def attach(
         raise DeviceMapError(f"prefetch_depth {prefetch_depth} must be at least 1")
     blocks = blocks_of(module, plan)
     state = _Dispatched()
-    offloaded = [block for block in blocks if block.offloaded]
-    if offloaded:
+    if any(block.offloaded for block in blocks):
         state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="devicemap-prefetch")
-        state.fetchers = _fetchers(blocks, offloaded, state.executor, prefetch_depth, disk_resident_bytes)
-    prefetcher = _Prefetcher([block.placement.block for block in offloaded], state.fetchers, prefetch_depth)
+        state.fetchers = _fetchers(blocks, state.executor, prefetch_depth, disk_resident_bytes)
+    fetched = [block.placement.block for block in blocks if block.placement.block in state.fetchers]
+    prefetcher = _Prefetcher(fetched, state.fetchers, prefetch_depth)
     for block in blocks:
-        state.handles += _hook_block(block, prefetcher if block.offloaded else None)
+        state.handles += _hook_block(block, prefetcher if block.placement.block in state.fetchers else None)
     state.handles.append(module.register_forward_hook(_return_to_input_device, with_kwargs=True))
     state.encoder = _hook_encoder(module, state.handles)
     module.__dict__["_devicemap_dispatch"] = state
@@ -214,33 +214,32 @@ def _like(original: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     return data
 
 
-def _fetchers(blocks, offloaded, executor, depth, disk_resident_bytes) -> dict:
-    """For each offloaded block, what fetches it: the host pager, or the streamer of its GPU."""
+def _fetchers(blocks: list[_Block], executor: Executor, depth: int, disk_resident_bytes: int | None) -> dict:
+    """For each offloaded block with weights to fetch, what fetches them: the host pager, or its GPU's streamer."""
     uses = Counter()
     for block in blocks:
         uses.update({id(tensor.value) for tensor in block.tensors})
     nested = {block.placement.block for block in blocks if _contains_other_blocks(block, blocks)}
-    fetchers = {}
-    on_cpu = [block for block in offloaded if block.placement.execution_device == "cpu"]
-    pager = HostPager(
-        {b.placement.block: page_ranges(t.value for t in b.tensors if t.is_parameter) for b in on_cpu},
-        executor,
-        disk_resident_bytes,
-    )
-    fetchers.update({block.placement.block: pager for block in on_cpu})
+    offloaded = [block for block in blocks if block.offloaded]
+    ranges = {
+        block.placement.block: page_ranges(t.value for t in block.tensors if t.is_parameter)
+        for block in offloaded
+        if block.placement.execution_device == "cpu"
+    }
+    ranges = {name: pages for name, pages in ranges.items() if pages}
+    pager = HostPager(ranges, executor, disk_resident_bytes)
+    fetchers = dict.fromkeys(ranges, pager)
     by_device: dict[str, list[StreamedBlock]] = {}
     for block in offloaded:
         device = block.placement.execution_device
-        if device == "cpu":
-            continue
-        streamed = _streamed_parameters(block, uses, nested)
-        by_device.setdefault(device, []).append(
-            StreamedBlock(block.placement.block, streamed, pack=block.placement.device == "cpu")
-        )
+        streamed = _streamed_parameters(block, uses, nested) if device != "cpu" else ()
+        if streamed:
+            pack = block.placement.device == "cpu"
+            by_device.setdefault(device, []).append(StreamedBlock(block.placement.block, streamed, pack))
     for device, streamed_blocks in by_device.items():
         _require_cuda(device)
         streamer = AcceleratorStreamer(device, streamed_blocks, depth + 1, executor)
-        fetchers.update({block.name: streamer for block in streamed_blocks})
+        fetchers.update(dict.fromkeys((block.name for block in streamed_blocks), streamer))
     return fetchers
 
 

@@ -54,7 +54,8 @@ class PinnedHostBuffer:
     def __init__(self, size_bytes: int):
         self.tensor = torch.empty(max(size_bytes, 1), dtype=torch.uint8)
         pointer = self.tensor.data_ptr()
-        error = int(torch.cuda.cudart().cudaHostRegister(pointer, self.tensor.nbytes, 0))
+        # cudaHostRegisterPortable: pinned for every GPU's context, not only the current one.
+        error = int(torch.cuda.cudart().cudaHostRegister(pointer, self.tensor.nbytes, 1))
         if error != 0:
             raise RuntimeError(f"CUDA could not pin {self.tensor.nbytes} bytes of host memory (cudaError {error})")
         # Unregistered before the memory goes: the finalizer runs before this object's tensor is dropped.
@@ -70,7 +71,8 @@ class _Slot:
 
     def __init__(self, device: torch.device, size_bytes: int, staging_bytes: int):
         self.buffer = torch.empty(max(size_bytes, 1), dtype=torch.uint8, device=device)
-        self.staging = PinnedHostBuffer(staging_bytes).tensor if staging_bytes else None
+        self.pinned = PinnedHostBuffer(staging_bytes) if staging_bytes else None
+        self.staging = self.pinned.tensor if self.pinned is not None else None
         self.loaded = torch.cuda.Event()  # the copy into the slot is done
         self.released = torch.cuda.Event()  # the compute reading the slot is done
         self.staged = torch.cuda.Event()  # the upload out of the staging buffer is done

@@ -6,6 +6,8 @@ ledger. A pipeline runs as fast as its slowest stage, so among the splits that f
 one whose slowest stage reads the fewest bytes per decode step wins: an output head is
 as costly as several layers, an embedding lookup costs almost nothing. Weights tied
 across stages (an embedding reused as the head) are held by both stages that use them.
+Only when no split fits the ranks' budgets may a rank offload the tail of its stage to
+its own CPU memory or disk (``pipeline_offload``).
 """
 
 import io
@@ -17,6 +19,7 @@ from rich.table import Table
 
 from .errors import DoesNotFitError, PipelineError
 from .ledger import DeviceLoad, Unit, price_units
+from .pipeline_offload import OFFLOADED_READ_WEIGHT, RankOffload, describe_allowances, smallest_limit, split_offloading
 from .plan import Placement, Plan
 from .profile import Profile
 from .units import format_size, parse_size
@@ -27,7 +30,12 @@ RankBudgets = Mapping[int | str, int | str] | Sequence[int | str] | str
 
 @dataclass(frozen=True)
 class Stage:
-    """One rank's share of the model and what it must hold, in bytes, for the workload."""
+    """One rank's share of the model and what it must hold, in bytes, for the workload.
+
+    ``weight_bytes`` are kept on the rank's device; ``offloaded`` are (block, "cpu" or
+    "disk") pairs, ``offloaded_bytes`` in all, kept in the rank's host memory or on its
+    disk and brought to the device through ``stream_bytes`` of room there when they run.
+    """
 
     rank: int
     blocks: tuple[str, ...]
@@ -35,10 +43,21 @@ class Stage:
     kv_bytes: int
     activation_bytes: int
     budget_bytes: int
+    stream_bytes: int = 0
+    offloaded: tuple[tuple[str, str], ...] = ()
+    offloaded_bytes: int = 0
 
     @property
     def used_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.activation_bytes
+        return self.weight_bytes + self.kv_bytes + self.activation_bytes + self.stream_bytes
+
+    def offload_summary(self) -> str:
+        """How much of the stage is offloaded and where, e.g. "4 blocks, 54.0 MiB on disk"; "—" when none."""
+        if not self.offloaded:
+            return "—"
+        tiers = dict.fromkeys(tier for _, tier in self.offloaded)
+        noun = "block" if len(self.offloaded) == 1 else "blocks"
+        return f"{len(self.offloaded)} {noun}, {format_size(self.offloaded_bytes)} on {' then '.join(tiers)}"
 
     @property
     def free_bytes(self) -> int:
@@ -71,21 +90,29 @@ class StagePlan:
     def table(self) -> Table:
         """One row per rank: its blocks and its ledger."""
         table = Table(title=f"{self.profile.name} · {self.profile.dtype} · pipeline of {len(self.stages)} stages")
-        for column in ("rank", "blocks", "count", "weights", "KV cache", "activations", "budget", "free"):
+        offloading = any(stage.offloaded for stage in self.stages)
+        columns = ("rank", "blocks", "count", "weights", "KV cache", "activations")
+        columns += ("streaming", "offloaded") if offloading else ()
+        for column in (*columns, "budget", "free"):
             table.add_column(column, justify="left" if column in ("rank", "blocks") else "right")
         for stage in self.stages:
+            sizes = (stage.weight_bytes, stage.kv_bytes, stage.activation_bytes)
+            offload = (format_size(stage.stream_bytes), stage.offload_summary()) if offloading else ()
             table.add_row(
                 str(stage.rank),
                 stage.span(),
                 str(len(stage.blocks)),
-                *(format_size(size) for size in (stage.weight_bytes, stage.kv_bytes, stage.activation_bytes)),
+                *(format_size(size) for size in sizes),
+                *offload,
                 format_size(stage.budget_bytes),
                 format_size(stage.free_bytes),
             )
         return table
 
     def __str__(self) -> str:
-        console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=False)
+        # Offloading adds two columns; a wider page keeps each rank on one line.
+        width = 150 if any(stage.offloaded for stage in self.stages) else 120
+        console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
         console.print(self.table())
         workload = self.workload
         console.print(f"workload: batch {workload.batch_size} × {workload.max_tokens} tokens, KV cache in "
@@ -95,7 +122,13 @@ class StagePlan:
         return console.file.getvalue().rstrip()
 
 
-def split_stages(profile: Profile, rank_budgets: Sequence[int], workload: Workload | None = None) -> StagePlan:
+def split_stages(
+    profile: Profile,
+    rank_budgets: Sequence[int],
+    workload: Workload | None = None,
+    offload: Sequence[RankOffload] | None = None,
+    device: str = "cuda",
+) -> StagePlan:
     """Split ``profile`` into one contiguous, non-empty stage per rank; pure, like the planner.
 
     ``rank_budgets`` are bytes per rank, in rank order. Each rank must hold its blocks'
@@ -103,6 +136,10 @@ def split_stages(profile: Profile, rank_budgets: Sequence[int], workload: Worklo
     them; among the splits that fit, the one whose slowest stage reads the fewest bytes
     per decode step is chosen exactly (binary search on that limit, each rank in turn
     taking the longest run that fits under it while leaving a block for every later rank).
+
+    When no split fits, ``offload`` (per rank, bytes it may keep on "cpu" and "disk"; a
+    ``device="cpu"`` rank computes in its CPU budget and offloads to disk only) lets ranks
+    keep the tail of their stage there, as ``pipeline_offload`` explains.
 
     >>> from devicemap.profile import Block, Profile
     >>> layers = tuple(Block(f"layers.{i}", 10) for i in range(4))
@@ -120,8 +157,12 @@ def split_stages(profile: Profile, rank_budgets: Sequence[int], workload: Worklo
     units = price_units(staged, workload)
     step_bytes = [_step_bytes(unit, index, workload) for index, unit in enumerate(units)]
     groups = _balance(units, step_bytes, rank_budgets, workload)
+    if groups is None and offload is not None:
+        local_plans = split_offloading(staged, units, step_bytes, rank_budgets, workload, offload, device)
+        if local_plans is not None:
+            return _offloading_stage_plan(staged, workload, local_plans, rank_budgets)
     if groups is None:
-        raise _does_not_fit(staged, rank_budgets, workload)
+        raise _does_not_fit(staged, rank_budgets, workload, offload)
     placements = tuple(
         Placement(block.name, _rank_device(rank), _rank_device(rank))
         for rank, group in enumerate(groups)
@@ -151,16 +192,9 @@ def _step_bytes(unit: Unit, index: int, workload: Workload) -> int:
 def _balance(units: list[Unit], step_bytes: list[int], rank_budgets: Sequence[int], workload: Workload):
     """Index groups, one per rank, minimising the largest group's step bytes; None if none fits."""
     tokens = workload.batch_size * workload.max_tokens
-    low, high = max(step_bytes), sum(step_bytes)
-    if _pack(units, step_bytes, rank_budgets, tokens, high) is None:
-        return None
-    while low < high:
-        middle = (low + high) // 2
-        if _pack(units, step_bytes, rank_budgets, tokens, middle) is None:
-            low = middle + 1
-        else:
-            high = middle
-    return _pack(units, step_bytes, rank_budgets, tokens, high)
+    return smallest_limit(
+        lambda limit: _pack(units, step_bytes, rank_budgets, tokens, limit), max(step_bytes), sum(step_bytes)
+    )
 
 
 def _pack(units, step_bytes, rank_budgets, tokens, limit) -> list[list[int]] | None:
@@ -198,6 +232,42 @@ def _stages(plan: Plan, rank_budgets: Sequence[int]) -> tuple[Stage, ...]:
         )
         for rank, budget in enumerate(rank_budgets)
     )
+
+
+def _offloading_stage_plan(
+    profile: Profile, workload: Workload, local_plans: list[Plan], rank_budgets: Sequence[int]
+) -> StagePlan:
+    """Stages from each rank's own plan: what its device holds, and what its CPU memory or disk keeps."""
+    stages, reasons = [], [
+        f"no split fits the ranks' budgets, so ranks keep the tail of their stage on their own CPU memory or "
+        f"disk; stages balance decode reads with offloaded blocks counted {OFFLOADED_READ_WEIGHT}× (read from "
+        "a slower tier at every step)"
+    ]
+    for rank, (local, budget) in enumerate(zip(local_plans, rank_budgets)):
+        compute = local.placements[0].execution_device
+        row = next(row for row in local.ledger if row.device == compute)
+        sizes = {block.name: block.weight_bytes for block in local.profile.blocks}
+        offloaded = tuple((p.block, p.device) for p in local.offloaded())
+        stages.append(
+            Stage(
+                rank=rank,
+                blocks=tuple(block.name for block in local.profile.blocks),
+                weight_bytes=row.weight_bytes + row.buffer_bytes,
+                kv_bytes=row.kv_bytes,
+                activation_bytes=row.activation_bytes,
+                budget_bytes=budget,
+                stream_bytes=row.stream_bytes,
+                offloaded=offloaded,
+                offloaded_bytes=sum(sizes[block] for block, _ in offloaded),
+            )
+        )
+        if offloaded:
+            reasons.append(
+                f"rank {rank} keeps {len(offloaded)} of its {len(local.placements)} blocks "
+                f"({format_size(stages[-1].offloaded_bytes)}, from {offloaded[0][0]}) on "
+                f"{' then '.join(dict.fromkeys(tier for _, tier in offloaded))}, computing them on its {compute}"
+            )
+    return StagePlan(profile, workload, tuple(stages), tuple(reasons))
 
 
 def _capacity_reason(plan: Plan) -> str:
@@ -265,7 +335,9 @@ def _copy_tied_weights(profile: Profile) -> Profile:
     return replace(profile, blocks=blocks, tied=())
 
 
-def _does_not_fit(profile: Profile, rank_budgets: Sequence[int], workload: Workload) -> DoesNotFitError:
+def _does_not_fit(
+    profile: Profile, rank_budgets: Sequence[int], workload: Workload, offload: Sequence[RankOffload] | None
+) -> DoesNotFitError:
     total = DeviceLoad(0, workload.batch_size * workload.max_tokens)
     for unit in price_units(profile, workload):
         total.store(unit)
@@ -274,9 +346,15 @@ def _does_not_fit(profile: Profile, rank_budgets: Sequence[int], workload: Workl
         f"{profile.name} needs {format_size(total.used_bytes())} (weights, KV cache and activations, tied "
         f"weights counted on each stage that uses them) for {workload.batch_size} × {workload.max_tokens}-token "
         f"sequences, but the {len(rank_budgets)} ranks' budgets ({_describe(rank_budgets)}) add up to "
-        f"{format_size(sum(rank_budgets))} and no contiguous split fits; give the ranks more memory, use more "
-        "stages, or a smaller workload or dtype"
+        f"{format_size(sum(rank_budgets))} and no contiguous split fits{_offload_note(offload)}; give the ranks "
+        "more memory, use more stages, or a smaller workload or dtype"
     )
+
+
+def _offload_note(offload: Sequence[RankOffload] | None) -> str:
+    if offload is None:
+        return ", and offload is off"
+    return f", even offloading the tail of a stage ({describe_allowances(offload)})"
 
 
 def _rank_device(rank: int) -> str:

@@ -221,7 +221,7 @@ def test_blocks_streamed_to_the_gpu_generate_the_plain_models_tokens(stored, ran
     placed = {**{key: 0 for key in llama_map("cpu")}, **{f"model.layers.{i}": stored for i in range(1, 6)}}
     model = load(folder, device_map=placed, offload_folder=tmp_path)
     assert {p.execution_device for p in model.devicemap_plan.offloaded()} == {"cuda:0"}
-    reference = AutoModelForCausalLM.from_pretrained(folder, device_map=0)
+    reference = AutoModelForCausalLM.from_pretrained(folder).to("cuda:0")
     ids = IDS.to("cuda:0")
     expected = reference.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)

@@ -102,6 +102,7 @@ def dispatch(
     except BaseException:
         files.discard()
         raise
+    module.hf_device_map = plan.device_map
     return attach(module, plan, prefetch_depth=prefetch_depth, disk_resident_bytes=disk_resident_bytes)
 
 

@@ -170,10 +170,11 @@ class _Materializer:
     def _make(self, source: Source, device: str) -> torch.Tensor:
         """The tensor for ``source`` on ``device`` at its dtype: the file's own view when nothing changes."""
         dtype = self.dtypes[source.target]
-        if source.direct:
-            tensor = self.checkpoint.tensor_to(source.keys[0], device, dtype)
-        else:
-            tensor = self._fuse(source).to(device=device, dtype=dtype)
+        tensor = self.checkpoint.tensor(source.keys[0]) if source.direct else self._fuse(source)
+        if device != "cpu":
+            tensor = tensor.to(device).to(dtype)  # the accelerator converts faster than the host
+        elif tensor.dtype != dtype:
+            tensor = converted_on_host(tensor, dtype)
         for key in source.keys:
             view = self.checkpoint.tensor(key)
             if tensor.data_ptr() != view.data_ptr():
@@ -226,6 +227,26 @@ class _Materializer:
     def _bytes(self, name: str) -> int:
         shape = self.sources.found_shapes[name]
         return self.dtypes[name].itemsize * int(torch.Size(shape).numel())
+
+
+# torch runs an elementwise op over 32768 elements or more on all its threads. On a busy
+# machine each such parallel region waits milliseconds for its threads to be scheduled
+# (7 ms per tensor measured on 2 shared cores: 1.8 s to convert SmolLM2-135M, against
+# 0.27 s on one thread); pieces under that size run on the calling thread alone.
+_SERIAL_ELEMENTS = 32767
+
+
+def converted_on_host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU copy of ``tensor`` at ``dtype``, converted piece by piece on the calling thread.
+
+    >>> converted_on_host(torch.ones(3), torch.bfloat16).dtype
+    torch.bfloat16
+    """
+    converted = torch.empty(tensor.shape, dtype=dtype)
+    source, target = tensor.reshape(-1), converted.view(-1)
+    for start in range(0, source.numel(), _SERIAL_ELEMENTS):
+        target[start : start + _SERIAL_ELEMENTS].copy_(source[start : start + _SERIAL_ELEMENTS])
+    return converted
 
 
 def _target_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:

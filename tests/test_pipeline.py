@@ -23,6 +23,7 @@ from devicemap.pipeline import Pipeline, plan_stages, tokenize
 from devicemap.pipeline_stages import parse_rank_budgets, split_stages
 from devicemap.profile import Block, Profile
 from devicemap.shards import write_sharded
+from devicemap.workload import Workload
 
 PROMPTS = [
     "What is machine learning?",
@@ -133,6 +134,25 @@ def test_stages_that_cannot_fit_say_what_is_needed_and_what_each_rank_has(demo_m
         plan_stages(demo_model, 2, max_memory="0=100MiB,1=100MiB")
 
 
+# Rank 1 cannot hold its stage in 350 MiB; rank 0 has no disk to offload to.
+TIGHT_RANK_1 = dict(max_memory="0=300MiB,1=350MiB", workload=Workload(6, 64), offload=[{}, {"disk": "1GiB"}])
+
+
+def test_a_rank_whose_budget_cannot_hold_its_stage_offloads_its_tail_to_disk(demo_model):
+    plan = plan_stages(demo_model, 2, device="cpu", **TIGHT_RANK_1)
+    first, second = plan.stages
+    assert not first.offloaded and first.used_bytes <= first.budget_bytes
+    assert second.used_bytes <= second.budget_bytes
+    assert [tier for _, tier in second.offloaded] == ["disk"] * len(second.offloaded)
+    assert second.offloaded[-1][0] == "lm_head" and second.offloaded_bytes > 0
+    assert f"{len(second.offloaded)} blocks" in str(plan) and "on disk" in str(plan)
+
+
+def test_stages_that_cannot_fit_even_offloading_name_each_rank_budget_and_offload(demo_model):
+    with pytest.raises(DoesNotFitError, match=r"rank 0 100\.0 MiB, rank 1 100\.0 MiB.*even offloading.*rank 1 disk 1\.0 GiB"):
+        plan_stages(demo_model, 2, device="cpu", max_memory="0=100MiB,1=100MiB", offload=[{}, {"disk": "1GiB"}])
+
+
 def test_every_rank_gets_a_block_and_more_ranks_than_blocks_is_an_error():
     toy = Profile("toy", "float32", tuple(Block(f"layers.{i}", 10) for i in range(4)))
     assert [len(stage.blocks) for stage in split_stages(toy, [100, 100, 100, 100]).stages] == [1, 1, 1, 1]
@@ -204,6 +224,15 @@ def test_random_models_of_other_architectures_in_stages_equal_transformers_gener
     width = max(len(row) for row in RANDOM_PROMPTS)
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in RANDOM_PROMPTS])
     assert torch.equal(output, _reference(reference, output[:, :width], mask, max_new_tokens=7))
+
+
+def test_a_rank_offloading_to_disk_generates_what_transformers_generates(demo_model, demo_reference, demo_batch, tmp_path):
+    ids, mask = demo_batch["input_ids"], demo_batch["attention_mask"]
+    options = dict(device="cpu", threads_per_stage=1, timeout_s=60, offload_folder=tmp_path, **TIGHT_RANK_1)
+    with Pipeline(demo_model, stages=2, **options) as pipe:
+        assert pipe.stage_plan.stages[1].offloaded
+        output = pipe.generate(ids, mask, max_new_tokens=5)
+    assert torch.equal(output, _reference(demo_reference, ids, mask, max_new_tokens=5))
 
 
 # Faults: every rank stops, the error names the culprit, no process is left.

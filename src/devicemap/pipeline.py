@@ -25,7 +25,7 @@ them, must be trusted.
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -33,6 +33,7 @@ import torch
 from rich.console import Console
 from transformers import AutoTokenizer
 
+from .devices import free_memory
 from .errors import DeviceMapError, PipelineError
 from .pipeline_launch import Workers
 from .pipeline_requests import build_request, special_tokens, tokenize
@@ -40,6 +41,7 @@ from .pipeline_schedule import Sampling
 from .pipeline_stages import RankBudgets, StagePlan, parse_rank_budgets, split_stages
 from .pipeline_worker import WorkerSpec, join, leave
 from .skeleton import load_config
+from .units import parse_size
 from .workload import Workload, dtype_name
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -55,11 +57,16 @@ def plan_stages(
     max_memory: RankBudgets | None = None,
     workload: Workload | None = None,
     device: str = "auto",
+    offload: bool | Sequence[Mapping[str, int | str]] = True,
+    offload_folder: str | os.PathLike | None = None,
 ) -> StagePlan:
     """Plan which blocks each of ``stages`` ranks holds, from the config alone.
 
     ``max_memory`` gives ranks' budgets ("0=8GiB,1=16GiB", a dict or a list); ranks it
     leaves out get this machine's free memory: GPU ``rank``'s, or an equal share of RAM.
+    When no split fits, ranks offload the tail of their stage (``offload``): to an equal
+    share of this machine's free RAM (GPU ranks) and of the disk under ``offload_folder``,
+    or, per rank, to the sizes ``offload`` gives (e.g. ``[{}, {"disk": "4GiB"}]``).
 
     >>> print(plan_stages("smollm2", 2, max_memory="0=1GiB,1=2GiB"))  # doctest: +SKIP
     """
@@ -67,14 +74,16 @@ def plan_stages(
 
     kind = _device_kind(device, stages)
     budgets = _rank_budgets(max_memory, stages, kind)
-    return split_stages(profile_of(model, dtype), budgets, workload)
+    allowances = _offload_allowances(offload, stages, kind, offload_folder)
+    return split_stages(profile_of(model, dtype), budgets, workload, allowances, kind)
 
 
 class Pipeline:
     """A model split into ``stages`` worker processes on this machine, loaded once, serving many calls.
 
     ``device`` is "cpu" (gloo, one process per stage), "cuda" (NCCL, rank r on GPU r) or
-    "auto" (CUDA when this machine has a GPU). ``threads_per_stage`` defaults to an equal
+    "auto" (CUDA when this machine has a GPU). ``offload`` and ``offload_folder`` are as for
+    :func:`plan_stages`: a rank keeps what its budget cannot hold in its RAM or on disk. ``threads_per_stage`` defaults to an equal
     share of the CPU cores for CPU stages. A rank that fails, dies, or stops answering for
     ``timeout_s`` stops the whole pipeline with a :class:`PipelineError` naming it.
 
@@ -94,6 +103,8 @@ class Pipeline:
         threads_per_stage: int | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         master_addr: str = "127.0.0.1",
+        offload: bool | Sequence[Mapping[str, int | str]] = True,
+        offload_folder: str | os.PathLike | None = None,
     ):
         if threads_per_stage is not None and threads_per_stage < 1:
             raise DeviceMapError(f"threads_per_stage {threads_per_stage} must be at least 1")
@@ -102,8 +113,9 @@ class Pipeline:
         self.model = Path(model)
         self.config = load_config(self.model)
         self.stage_plan = plan_stages(
-            self.model, stages, dtype=dtype, max_memory=max_memory, workload=workload, device=device
-        )
+            self.model, stages, dtype=dtype, max_memory=max_memory, workload=workload, device=device,
+            offload=offload, offload_folder=offload_folder,
+        )  # fmt: skip
         kind = _device_kind(device, stages)
         spec = WorkerSpec(
             model=str(self.model),
@@ -114,6 +126,9 @@ class Pipeline:
             device=kind,
             threads=threads_per_stage or (max(1, (os.cpu_count() or 1) // stages) if kind == "cpu" else None),
             blocks=tuple(stage.blocks for stage in self.stage_plan.stages),
+            offloaded=tuple(stage.offloaded for stage in self.stage_plan.stages),
+            offload=offload is not False,
+            offload_folder=None if offload_folder is None else str(offload_folder),
         )
         self._workers = Workers(spec, master_addr)
         self._workers.wait_ready()
@@ -207,7 +222,10 @@ def generate(
         return pipe.generate_text(prompts, max_new_tokens=max_new_tokens, **options)
 
 
-_PIPELINE_OPTIONS = ("dtype", "max_memory", "workload", "device", "threads_per_stage", "timeout_s", "master_addr")
+_PIPELINE_OPTIONS = (
+    "dtype", "max_memory", "workload", "device", "threads_per_stage", "timeout_s", "master_addr", "offload",
+    "offload_folder",
+)  # fmt: skip
 
 
 def _device_kind(device: str, stages: int) -> str:
@@ -237,6 +255,21 @@ def _rank_budgets(max_memory: RankBudgets | None, stages: int, kind: str) -> lis
         else:
             budgets.append(psutil.virtual_memory().available // stages)
     return budgets
+
+
+def _offload_allowances(offload, stages: int, kind: str, offload_folder) -> list[dict[str, int]] | None:
+    """The sizes given per rank; else each rank's equal share of this machine's free disk, and RAM for GPU ranks."""
+    if offload is False:
+        return None
+    if offload is not True:
+        if len(offload) != stages:
+            raise PipelineError(f"offload gives {len(offload)} ranks' allowances for {stages} stages; give one per rank")
+        return [{tier: parse_size(size) for tier, size in allowance.items()} for allowance in offload]
+    disk = free_memory("disk", offload_folder) // stages
+    if kind == "cpu":
+        # A CPU rank's RAM is its budget already.
+        return [{"disk": disk}] * stages
+    return [{"cpu": free_memory("cpu") // stages, "disk": disk}] * stages
 
 
 def generate_cli(model_path: Path, prompts: list[str], args) -> int:

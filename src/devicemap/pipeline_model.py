@@ -9,9 +9,16 @@ the first stage embeds token ids, later stages take the hidden states as
 the head to the last position. Its ``DynamicCache`` holds the stage's layers; the slots
 of other stages' layers are ``DummyLayer``s, so cache lengths and masks come from this
 stage's own layers while layer indices keep their meaning.
+
+Blocks the stage plan offloads stay in the rank's host memory or on its disk (the
+checkpoint's own mapping when the dtype matches, else a file devicemap writes) and are
+hooked by the runtime's ``dispatch.attach``: computed from the mapping on a CPU rank,
+streamed to the GPU on a GPU rank.
 """
 
 import inspect
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +28,15 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DummyLayer
 
 from .checkpoint import Checkpoint, open_checkpoint
+from .dispatch import attach
 from .errors import PipelineError
+from .offload import OffloadFiles
+from .paging import file_backed, page_ranges
 from .pipeline_tensors import read_stage_state
+from .plan import Placement, Plan
+from .profile import Block, Profile
 from .skeleton import build_on_meta, config_dtype, load_config
+from .workload import Workload, dtype_name
 
 # Decoder-only architectures whose base model is exactly embed_tokens → layers → norm and
 # whose causal LM is exactly lm_head(hidden states): models that scale embeddings inside
@@ -104,17 +117,24 @@ class StageModel:
 
 
 def build_stage(
-    folder: str | Path, blocks: tuple[str, ...], device: torch.device, dtype: torch.dtype | None = None
+    folder: str | Path,
+    blocks: tuple[str, ...],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    offloaded: Mapping[str, str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> StageModel:
     """Build the stage holding ``blocks`` (profile block names) and load its tensors onto ``device``.
 
-    ``dtype`` defaults to the one the config names, as for the profile.
+    ``dtype`` defaults to the one the config names, as for the profile. ``offloaded`` maps
+    blocks the stage keeps off ``device`` to "cpu" or "disk"; disk blocks that need a dtype
+    conversion are written into a folder of devicemap's own inside ``offload_folder``.
 
     Only the stage's tensors are read from the checkpoint, lazily, so host memory stays
     near the stage's own size.
 
     >>> blocks = ("model.embed_tokens", "model.layers.0")
-    >>> stage = build_stage(demo_model_path(), blocks, torch.device("cpu"))  # doctest: +SKIP
+    >>> stage = build_stage(demo_model_path(), blocks, torch.device("cpu"), offloaded={"model.layers.0": "disk"})  # doctest: +SKIP
     """
     checkpoint = open_checkpoint(folder)
     config = load_config(checkpoint.folder)
@@ -124,12 +144,21 @@ def build_stage(
             f"base model is embed_tokens → layers → norm followed by lm_head: {', '.join(SUPPORTED_MODEL_TYPES)}; "
             "run it with devicemap.load and a device map instead"
         )
+    offloaded = dict(offloaded or {})
     model = build_on_meta(config, dtype or config_dtype(config)).eval()
     layout = _layout_of(model, blocks)
     _drop_other_stages(model, layout)
-    _load_tensors(model, checkpoint, layout, device)
+    files = OffloadFiles(offload_folder)
+    try:
+        _load_tensors(model, checkpoint, layout, device, offloaded, files)
+        files.commit(model)
+    except BaseException:
+        files.discard()
+        raise
     _rebuild_buffers(model, device)
     _require_materialized(model, layout)
+    if offloaded:
+        attach(model, _local_plan(model, layout, device, offloaded))
     return StageModel(model, layout, device)
 
 
@@ -187,11 +216,56 @@ def _stage_modules(model: PreTrainedModel, layout: StageLayout) -> dict[str, nn.
     return {name_of[id(module)]: module for module in chosen}
 
 
-def _load_tensors(model: PreTrainedModel, checkpoint: Checkpoint, layout: StageLayout, device: torch.device) -> None:
-    """Assign the stage's tensors from the checkpoint, each straight onto ``device``."""
-    modules = _stage_modules(model, layout)
-    names = [f"{prefix}.{name}" for prefix, module in modules.items() for name in module.state_dict()]
-    model.load_state_dict(read_stage_state(model, checkpoint, names, device), strict=False, assign=True)
+def _load_tensors(
+    model: PreTrainedModel,
+    checkpoint: Checkpoint,
+    layout: StageLayout,
+    device: torch.device,
+    offloaded: Mapping[str, str],
+    files: OffloadFiles,
+) -> None:
+    """Assign the stage's tensors from the checkpoint: each straight onto ``device``, or kept on its tier."""
+    state = {}
+    for prefix, module in _stage_modules(model, layout).items():
+        names = [f"{prefix}.{name}" for name in module.state_dict()]
+        tier = offloaded.get(prefix)
+        block_state = read_stage_state(model, checkpoint, names, torch.device("cpu") if tier else device)
+        if tier == "disk":
+            block_state = _on_disk(prefix, block_state, files)
+        state.update(block_state)
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def _on_disk(block: str, state: dict[str, torch.Tensor], files: OffloadFiles) -> dict[str, torch.Tensor]:
+    """The block's tensors as file mappings: the checkpoint's own, or written once converted."""
+    converted = {name: tensor for name, tensor in state.items() if not file_backed(page_ranges([tensor]))}
+    if not converted:
+        return state
+    specs = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in converted.items()]
+    mapped = files.write_block(block, specs, converted.__getitem__)
+    # Tied aliases share one tensor, so they follow it by identity.
+    by_identity = {id(converted[name]): mapped[name] for name in converted}
+    return {name: by_identity.get(id(tensor), tensor) for name, tensor in state.items()}
+
+
+def _local_plan(
+    model: PreTrainedModel, layout: StageLayout, device: torch.device, offloaded: Mapping[str, str]
+) -> Plan:
+    """The stage's placement for ``dispatch.attach``: offloaded blocks kept on their tier, computed on ``device``."""
+    compute = str(device) if device.type == "cpu" or device.index is not None else f"{device.type}:0"
+    order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    modules = dict(sorted(_stage_modules(model, layout).items(), key=lambda item: order[item[0]]))
+    blocks = tuple(
+        Block(name, 0, tensor_names=tuple(f"{name}.{key}" for key, _ in _own_tensors(module)))
+        for name, module in modules.items()
+    )
+    profile = Profile(type(model).__name__, dtype_name(model.dtype), blocks)
+    placements = tuple(Placement(name, offloaded.get(name, compute), compute) for name in modules)
+    return Plan(profile, Workload(), (), "pipeline stage", placements)
+
+
+def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]
 
 
 def _rebuild_buffers(model: PreTrainedModel, device: torch.device) -> None:

@@ -27,6 +27,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from .devices import free_memory
 from .errors import DeviceMapError, PipelineError
 from .pipeline_model import StageModel, build_stage
 from .pipeline_schedule import Request, run_request
@@ -42,9 +43,11 @@ class WorkerSpec:
     """Everything a rank needs to build its stage, the same for every rank of a job.
 
     ``blocks`` holds each rank's profile blocks when the launcher already planned the
-    stages; ``None`` makes the ranks plan them together from the free memory each rank
-    measures and shares, replaced by ``budgets`` ((rank, bytes) pairs) where given.
-    ``device`` is "cpu" (gloo) or "cuda" (NCCL, rank on GPU ``LOCAL_RANK``).
+    stages, and ``offloaded`` each rank's (block, "cpu" or "disk") pairs; ``None`` makes
+    the ranks plan them together from the free memory each rank measures and shares,
+    replaced by ``budgets`` ((rank, bytes) pairs) where given, each rank offering its free
+    host memory and disk for offload when ``offload`` is on. ``device`` is "cpu" (gloo)
+    or "cuda" (NCCL, rank on GPU ``LOCAL_RANK``).
     """
 
     model: str
@@ -56,6 +59,13 @@ class WorkerSpec:
     threads: int | None = None
     budgets: tuple[tuple[int, int], ...] = ()
     blocks: tuple[tuple[str, ...], ...] | None = None
+    offloaded: tuple[tuple[tuple[str, str], ...], ...] = ()
+    offload: bool = True
+    offload_folder: str | None = None
+
+    def offloaded_of(self, rank: int) -> dict[str, str]:
+        """Rank ``rank``'s offloaded blocks and their tier, as the launcher planned them."""
+        return dict(self.offloaded[rank]) if self.offloaded else {}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -67,6 +77,7 @@ class WorkerSpec:
         fields["budgets"] = tuple(tuple(pair) for pair in fields["budgets"])
         if fields["blocks"] is not None:
             fields["blocks"] = tuple(tuple(blocks) for blocks in fields["blocks"])
+        fields["offloaded"] = tuple(tuple(tuple(pair) for pair in pairs) for pairs in fields["offloaded"])
         return cls(**fields)
 
 
@@ -104,9 +115,12 @@ def join(spec: WorkerSpec) -> Rank:
     else:
         dist.init_process_group("gloo", init_method="env://", timeout=timeout)
     stage_plan = None if spec.blocks is not None else _plan_together(spec, device)
-    blocks = spec.blocks[rank] if stage_plan is None else stage_plan.blocks_of(rank)
+    if stage_plan is None:
+        blocks, offloaded = spec.blocks[rank], spec.offloaded_of(rank)
+    else:
+        blocks, offloaded = stage_plan.blocks_of(rank), dict(stage_plan.stages[rank].offloaded)
     dtype = getattr(torch, spec.dtype) if spec.dtype else None
-    stage = build_stage(spec.model, blocks, device, dtype)
+    stage = build_stage(spec.model, blocks, device, dtype, offloaded, spec.offload_folder)
     return Rank(rank, world_size, stage, StageLinks(rank, world_size, device, spec.timeout_s), stage_plan)
 
 
@@ -136,26 +150,34 @@ def _plan_together(spec: WorkerSpec, device: torch.device) -> StagePlan:
     """Every rank shares its budget and computes the same plan from the same numbers."""
     from .api import profile_of
 
-    budgets = list(_gather_budgets(_local_budget(device), spec.stages, device))
+    gathered = _gather_memory(_local_memory(device, spec.offload_folder), spec.stages, device)
+    budgets = [budget for budget, _, _ in gathered]
     for given_rank, budget in spec.budgets:
         budgets[given_rank] = budget
+    offload = None
+    if spec.offload:
+        # A CPU rank's own memory is its budget already: it offers only its disk.
+        offload = [{"disk": disk} if device.type == "cpu" else {"cpu": cpu, "disk": disk} for _, cpu, disk in gathered]
     profile = profile_of(spec.model, spec.dtype)
-    return split_stages(profile, budgets, spec.workload)
+    return split_stages(profile, budgets, spec.workload, offload, device.type)
 
 
-def _local_budget(device: torch.device) -> int:
+def _local_memory(device: torch.device, offload_folder: str | None) -> tuple[int, int, int]:
+    """This rank's device budget and its share of this machine's free host memory and disk."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    host = psutil.virtual_memory().available // ranks_here
+    disk = free_memory("disk", offload_folder) // ranks_here
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return free
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return psutil.virtual_memory().available // ranks_here
+        return free, host, disk
+    return host, 0, disk
 
 
-def _gather_budgets(budget: int, stages: int, device: torch.device) -> tuple[int, ...]:
-    mine = torch.tensor([budget], dtype=torch.int64, device=device)
+def _gather_memory(memory: tuple[int, int, int], stages: int, device: torch.device) -> list[tuple[int, int, int]]:
+    mine = torch.tensor(memory, dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(stages)]
     dist.all_gather(everyone, mine)
-    return tuple(int(value.item()) for value in everyone)
+    return [tuple(int(number) for number in value.tolist()) for value in everyone]
 
 
 def serve(rank: Rank, control, reply) -> None:

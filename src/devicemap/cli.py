@@ -94,7 +94,16 @@ def _run_plan(args) -> int:
     if args.pipeline:
         from .pipeline import plan_stages
 
-        print(plan_stages(args.model, args.pipeline, dtype=args.dtype, max_memory=args.max_memory, workload=workload))
+        stages = plan_stages(
+            args.model,
+            args.pipeline,
+            dtype=args.dtype,
+            max_memory=args.max_memory,
+            workload=workload,
+            offload=not args.no_offload,
+            offload_folder=args.offload_folder,
+        )
+        print(stages)
         return 0
     result = plan(
         args.model,

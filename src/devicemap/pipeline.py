@@ -280,7 +280,9 @@ def generate_cli(model_path: Path, prompts: list[str], args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     inputs = tokenize(tokenizer, prompts, args.chat)
     workload = Workload(len(prompts), inputs["input_ids"].shape[1] + args.max_new_tokens)
-    with Pipeline(model_path, args.pipeline, dtype=args.dtype, max_memory=args.max_memory, workload=workload) as pipe:
+    options = dict(dtype=args.dtype, max_memory=args.max_memory, workload=workload)
+    options.update(offload=not args.no_offload, offload_folder=args.offload_folder)
+    with Pipeline(model_path, args.pipeline, **options) as pipe:
         console.print(pipe.stage_plan.table())
         started = time.perf_counter()
         output = pipe.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=args.max_new_tokens)

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     # Piped output (a log, CI) gets a table wide enough to read, not 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 180)
     settings = settings_from(arguments)
+    warn_if_busy(settings, console)
     models = prepare_models(arguments, settings, console)
     cases = select(suite_cases(models, console), arguments.only)
     results = run_cases(cases, settings, console)
@@ -99,6 +100,16 @@ def settings_from(arguments: argparse.Namespace) -> Settings:
     overrides = {"runs": arguments.runs, "new_tokens": arguments.new_tokens,
                  "prefill_tokens": arguments.prefill_tokens, "threads": arguments.threads}
     return replace(settings, **{name: value for name, value in overrides.items() if value is not None})
+
+
+def warn_if_busy(settings: Settings, console: Console) -> None:
+    """Say so when other work already loads the cores: torch's threads then wait on each other."""
+    load = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    if settings.threads is None and load > cores / 2:
+        console.print(f"[yellow]the machine is busy (load average {load:.1f} on {cores} cores): torch's "
+                      f"{torch.get_num_threads()} threads per worker will wait on each other and the figures "
+                      "will scatter; --threads 1 steadies them[/yellow]")
 
 
 def prepare_models(arguments: argparse.Namespace, settings: Settings, console: Console) -> SuiteModels:

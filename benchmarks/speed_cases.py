@@ -43,11 +43,12 @@ class Settings:
     new_tokens: int = 64
     decode_prompt_tokens: int = 8
     prefill_tokens: int = 512
+    prefill_tries: int = 3
     threads: int | None = None
     timeout_s: float = 1200.0
 
 
-QUICK = Settings(runs=1, new_tokens=8, decode_prompt_tokens=8, prefill_tokens=64)
+QUICK = Settings(runs=1, new_tokens=8, decode_prompt_tokens=8, prefill_tokens=64, prefill_tries=1)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ imported before the clock starts, so import time counts for neither system.
 import importlib
 import json
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -138,27 +139,61 @@ LOADERS = {
 
 
 def time_decode(model, case: dict, settings: dict) -> dict:
-    """Seconds for greedy ``generate`` of ``new_tokens`` tokens after a short prompt, warmed up first."""
+    """Greedy ``generate`` of ``new_tokens`` tokens after a short prompt, warmed up first: its
+    wall time and the time between each two consecutive tokens.
+
+    On a shared machine the median step is the steadier figure: a neighbour's burst
+    slows a few steps, not the median.
+    """
     prompt = prompt_ids(model, settings["decode_prompt_tokens"], case)
     generate(model, prompt, 2)
     new_tokens = settings["new_tokens"]
+    clock = TokenClock()
     start = time.perf_counter()
-    output = generate(model, prompt, new_tokens)
+    output = generate(model, prompt, new_tokens, clock)
     synchronize(case)
     decode_s = time.perf_counter() - start
-    return {"decode_s": decode_s, "new_tokens": new_tokens, "tokens": output[0, -new_tokens:].tolist()}
+    steps_s = clock.steps_s()
+    return {
+        "decode_s": decode_s,
+        "new_tokens": new_tokens,
+        "decode_median_step_s": statistics.median(steps_s) if steps_s else decode_s / new_tokens,
+        "decode_steps_s": steps_s,
+        "tokens": output[0, -new_tokens:].tolist(),
+    }
 
 
 def time_prefill(model, case: dict, settings: dict) -> dict:
-    """Seconds to the first token of a ``prefill_tokens``-token prompt."""
+    """Seconds to the first token of a ``prefill_tokens``-token prompt: the quickest of a few tries."""
     prompt = prompt_ids(model, settings["prefill_tokens"], case)
-    start = time.perf_counter()
-    generate(model, prompt, 1)
-    synchronize(case)
-    return {"prefill_s": time.perf_counter() - start}
+    tries_s = []
+    for _ in range(settings["prefill_tries"]):
+        start = time.perf_counter()
+        generate(model, prompt, 1)
+        synchronize(case)
+        tries_s.append(time.perf_counter() - start)
+    return {"prefill_s": min(tries_s), "prefill_tries_s": tries_s}
 
 
-def generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+class TokenClock:
+    """A ``generate`` streamer that notes when each token arrives; it is given the prompt first."""
+
+    def __init__(self):
+        self.arrivals_s: list[float] = []
+
+    def put(self, value) -> None:
+        self.arrivals_s.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def steps_s(self) -> list[float]:
+        """Seconds between consecutive new tokens; the first token's prefill is not a step."""
+        tokens_s = self.arrivals_s[1:]
+        return [later - earlier for earlier, later in zip(tokens_s, tokens_s[1:])]
+
+
+def generate(model, prompt: torch.Tensor, new_tokens: int, streamer: TokenClock | None = None) -> torch.Tensor:
     """Greedy generation of exactly ``new_tokens`` tokens (end-of-sequence does not stop it)."""
     return model.generate(
         input_ids=prompt,
@@ -167,6 +202,7 @@ def generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=0,
+        streamer=streamer,
     )
 
 

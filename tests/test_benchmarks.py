@@ -45,6 +45,11 @@ def run(**figures) -> dict:
     return dict(figures)
 
 
+def decoded(tokens_per_s: float, new_tokens: int = 10, **figures) -> dict:
+    """A run whose every decode step took the same time."""
+    return run(decode_s=new_tokens / tokens_per_s, new_tokens=new_tokens, decode_median_step_s=1 / tokens_per_s, **figures)
+
+
 def results_of(cases: list[Case], runs_by_key: dict[str, list[dict]]) -> dict[str, CaseResult]:
     return {case.key: CaseResult(case, tuple(runs_by_key.get(case.key, ()))) for case in cases}
 
@@ -94,10 +99,17 @@ def test_select_keeps_the_cases_whose_key_contains_any_pattern():
 
 
 def test_decode_rate_is_summarised_from_the_fastest_run_and_the_median():
-    result = CaseResult(suite_cases()[1], (run(decode_s=4.0, new_tokens=64), run(decode_s=2.0, new_tokens=64),
-                                           run(decode_s=8.0, new_tokens=64)))
+    result = CaseResult(suite_cases()[1], (decoded(16.0), decoded(32.0), decoded(8.0)))
     figure = summarise(result, "decode_tokens_per_s")
     assert (figure.best, figure.median, figure.runs) == (32.0, 16.0, 3)
+
+
+def test_decode_rate_is_one_token_per_median_step_and_the_wall_rate_is_kept_beside_it():
+    # A neighbour's burst made one step of four take 1.3 s; the median step is still 0.1 s.
+    interrupted = run(decode_s=1.6, new_tokens=4, decode_median_step_s=0.1)
+    result = CaseResult(suite_cases()[1], (interrupted,))
+    assert summarise(result, "decode_tokens_per_s").best == pytest.approx(10.0)
+    assert summarise(result, "decode_wall_tokens_per_s").best == pytest.approx(2.5)
 
 
 def test_load_time_is_summarised_from_the_quickest_run():
@@ -109,9 +121,9 @@ def test_half_disk_decode_passes_at_96_percent_of_in_memory_speed_and_fails_at_9
     cases = suite_cases()
     for rate, verdict in ((0.96, "pass"), (0.90, "fail")):
         results = results_of(cases, {
-            "devicemap/demo-fp32/memory": [run(decode_s=1.0, new_tokens=10)],
-            "devicemap/demo-fp32/half-disk": [run(decode_s=1.0 / rate, new_tokens=10)],
-            "transformers/demo-fp32/half-disk": [run(decode_s=2.0, new_tokens=10)],
+            "devicemap/demo-fp32/memory": [decoded(10.0)],
+            "devicemap/demo-fp32/half-disk": [decoded(10.0 * rate)],
+            "transformers/demo-fp32/half-disk": [decoded(5.0)],
         })
         row = row_named(rows_for(comparisons(cases), results), DECODE_SECTION, "demo fp32, 2nd half of layers on disk")
         assert row.vs_reference == pytest.approx(rate)
@@ -143,8 +155,8 @@ def test_a_row_missing_a_figure_is_not_judged_and_says_which_case_failed():
 def test_different_greedy_tokens_between_the_systems_are_flagged():
     cases = suite_cases()
     results = results_of(cases, {
-        "devicemap/demo-fp32/memory": [run(decode_s=1.0, new_tokens=3, tokens=[1, 2, 3])],
-        "transformers/demo-fp32/memory": [run(decode_s=1.0, new_tokens=3, tokens=[1, 2, 4])],
+        "devicemap/demo-fp32/memory": [decoded(3.0, new_tokens=3, tokens=[1, 2, 3])],
+        "transformers/demo-fp32/memory": [decoded(3.0, new_tokens=3, tokens=[1, 2, 4])],
     })
     row = row_named(rows_for(comparisons(cases), results), DECODE_SECTION, "demo fp32, in memory")
     assert row.same_tokens is False
@@ -153,9 +165,9 @@ def test_different_greedy_tokens_between_the_systems_are_flagged():
 def test_table_shows_every_row_with_its_ratio_and_target():
     cases = suite_cases()
     results = results_of(cases, {
-        "devicemap/demo-fp32/memory": [run(decode_s=1.0, new_tokens=16, load_s=0.5)],
-        "transformers/demo-fp32/memory": [run(decode_s=1.0, new_tokens=16, load_s=1.0)],
-        "devicemap/demo-fp32/all-disk": [run(decode_s=2.0, new_tokens=16)],
+        "devicemap/demo-fp32/memory": [decoded(16.0, load_s=0.5)],
+        "transformers/demo-fp32/memory": [decoded(16.0, load_s=1.0)],
+        "devicemap/demo-fp32/all-disk": [decoded(8.0)],
     })
     rows = rows_for(comparisons(cases), results)
     output = StringIO()
@@ -211,9 +223,9 @@ def test_a_run_of_transformers_cases_alone_still_has_their_rows():
 def test_transformers_offload_ratio_is_taken_to_its_own_in_memory_speed():
     cases = suite_cases()
     results = results_of(cases, {
-        "devicemap/demo-fp32/memory": [run(decode_s=1.0, new_tokens=10)],
-        "transformers/demo-fp32/memory": [run(decode_s=2.0, new_tokens=10)],
-        "transformers/demo-fp32/half-disk": [run(decode_s=4.0, new_tokens=10)],
+        "devicemap/demo-fp32/memory": [decoded(10.0)],
+        "transformers/demo-fp32/memory": [decoded(5.0)],
+        "transformers/demo-fp32/half-disk": [decoded(2.5)],
     })
     row = row_named(rows_for(comparisons(cases), results), DECODE_SECTION, "demo fp32, 2nd half of layers on disk")
     assert row.transformers_vs_reference == pytest.approx(0.5)
@@ -226,7 +238,7 @@ def test_gpu_cases_stream_the_second_half_from_cpu_and_compare_with_the_copy_bou
     assert [streamed["devicemap"].device_map[f"model.layers.{i}"] for i in (0, 10, 11, 21)] == [0, 0, "cpu", "cpu"]
     assert streamed["h2d"].offloaded_bytes == 10**9 and all(case.gpu for case in cases)
     results = results_of(cases, {
-        "devicemap/tinyllama-bf16/gpu-half-cpu": [run(decode_s=1.0, new_tokens=10)],
+        "devicemap/tinyllama-bf16/gpu-half-cpu": [decoded(10.0)],
         "h2d/tinyllama-bf16/gpu-half-cpu": [run(h2d_bytes_per_s=25e9, bound_tokens_per_s=25.0)],
     })
     row = row_named(rows_for(comparisons(cases), results), DECODE_SECTION, "tinyllama bf16, 2nd half of layers CPU→GPU")
@@ -240,7 +252,7 @@ def test_worker_times_both_systems_on_one_map_and_they_generate_the_same_tokens(
     shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": False}
     write_random_llama(tmp_path, shape, shard_count=2)
-    settings = {"new_tokens": 4, "decode_prompt_tokens": 3, "prefill_tokens": 5}
+    settings = {"new_tokens": 4, "decode_prompt_tokens": 3, "prefill_tokens": 5, "prefill_tries": 2}
     figures = {}
     for system in ("devicemap", "transformers"):
         case = Case(system, "tiny", str(tmp_path), HALF_DISK, "bfloat16", layer_map(2, 1, "disk"), ("decode", "prefill"))
@@ -248,4 +260,5 @@ def test_worker_times_both_systems_on_one_map_and_they_generate_the_same_tokens(
     for measured in figures.values():
         assert {"load_s", "load_peak_rss_bytes", "decode_s", "prefill_s", "peak_rss_bytes"} <= set(measured)
         assert measured["new_tokens"] == 4 and len(measured["tokens"]) == 4
+        assert len(measured["decode_steps_s"]) == 3 and len(measured["prefill_tries_s"]) == 2
     assert figures["devicemap"]["tokens"] == figures["transformers"]["tokens"]

@@ -13,8 +13,9 @@ from models import build_random_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from devicemap.dispatch import _moved, _Prefetcher, dispatch, is_dispatched, remove_dispatch
+from devicemap.dispatch import _Prefetcher, dispatch, is_dispatched, remove_dispatch
 from devicemap.load import load
+from devicemap.moving import moved
 from devicemap.paging import HostPager, PageRange, page_ranges
 from devicemap.streaming import aligned_offsets
 
@@ -125,11 +126,11 @@ def test_inputs_are_moved_through_tuples_and_dicts_and_caches_are_left_alone():
 
     cache = Cache()
     inputs = ((torch.ones(2), [torch.zeros(1)]), {"mask": torch.ones(3), "cache": cache, "n": 3})
-    moved = _moved(inputs, torch.device("meta"), non_blocking=False)
-    assert moved[0][0].device.type == "meta" and moved[0][1][0].device.type == "meta"
-    assert moved[1]["mask"].is_meta and moved[1]["cache"] is cache and moved[1]["n"] == 3
+    result = moved(inputs, torch.device("meta"), non_blocking=False)
+    assert result[0][0].device.type == "meta" and result[0][1][0].device.type == "meta"
+    assert result[1]["mask"].is_meta and result[1]["cache"] is cache and result[1]["n"] == 3
     assert inputs[1]["mask"].device.type == "cpu", "the caller's dict is not changed"
-    assert _moved(inputs, torch.device("cpu"), non_blocking=False) is inputs, "nothing to move: no copy"
+    assert moved(inputs, torch.device("cpu"), non_blocking=False) is inputs, "nothing to move: no copy"
 
 
 def test_the_prefetcher_fetches_the_next_blocks_in_plan_order_cyclically():

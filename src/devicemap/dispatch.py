@@ -8,7 +8,6 @@ disk blocks computing on the CPU (which compute on the file's mapping in place),
 on the GPU for blocks streamed there (``streaming``). Nothing is hooked below a block.
 """
 
-import copy
 import os
 from collections import Counter
 from collections.abc import Mapping
@@ -20,16 +19,19 @@ from torch import nn
 
 from .devices import DeviceLike, loading_budgets
 from .errors import DeviceMapError
+from .moving import hook_encoder, moved, return_to_input_device
 from .offload import OffloadFiles
 from .paging import HostPager, page_ranges
 from .plan import Placement, Plan
+from .planner import make_plan
+from .profile import profile_module
 from .streaming import AcceleratorStreamer, StreamedBlock
 
 DEFAULT_PREFETCH_DEPTH = 1
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class BlockTensor:
     """One tensor of a block: where it is attached (``owner[key]``) and whether it is a parameter."""
 
     name: str
@@ -47,10 +49,12 @@ class _Tensor:
 
 
 @dataclass(frozen=True)
-class _Block:
+class PlacedBlock:
+    """A block of a plan with its module and every tensor it holds (tied ones under each name)."""
+
     placement: Placement
     module: nn.Module
-    tensors: tuple[_Tensor, ...]
+    tensors: tuple[BlockTensor, ...]
 
     @property
     def offloaded(self) -> bool:
@@ -88,9 +92,7 @@ def dispatch(
     ...                          "model.rotary_emb": "cpu", "lm_head": "cpu"}, offload_folder="offload")
     >>> model.generate(**inputs)  # doctest: +SKIP
     """
-    from .planner import make_plan
-    from .profile import profile_module
-
+    check_prefetch_depth(prefetch_depth)
     remove_dispatch(module)
     plan = device_map
     if not isinstance(plan, Plan):
@@ -136,8 +138,7 @@ def attach(
 
     Buffers and tensors shared between blocks of a streamed block move to its execution device.
     """
-    if prefetch_depth < 1:
-        raise DeviceMapError(f"prefetch_depth {prefetch_depth} must be at least 1")
+    check_prefetch_depth(prefetch_depth)
     blocks = blocks_of(module, plan)
     state = _Dispatched()
     if any(block.offloaded for block in blocks):
@@ -147,37 +148,44 @@ def attach(
     prefetcher = _Prefetcher(fetched, state.fetchers, prefetch_depth)
     for block in blocks:
         state.handles += _hook_block(block, prefetcher if block.placement.block in state.fetchers else None)
-    state.handles.append(module.register_forward_hook(_return_to_input_device, with_kwargs=True))
-    state.encoder = _hook_encoder(module, state.handles)
+    state.handles.append(module.register_forward_hook(return_to_input_device, with_kwargs=True))
+    state.encoder = hook_encoder(module, state.handles)
     module.__dict__["_devicemap_dispatch"] = state
     return module
 
 
-def blocks_of(module: nn.Module, plan: Plan) -> list[_Block]:
-    """The plan's blocks in plan order, each with its module and its tensors found in ``module``."""
+def check_prefetch_depth(prefetch_depth: int) -> None:
+    """Raise a DeviceMapError unless ``prefetch_depth`` is a whole number of blocks, at least 1."""
+    if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:
+        raise DeviceMapError(f"prefetch_depth {prefetch_depth!r} must be an int of at least 1 (blocks fetched ahead)")
+
+
+def blocks_of(module: nn.Module, plan: Plan) -> list[PlacedBlock]:
+    """The plan's blocks in the profile's (execution) order, each with its module and its tensors."""
     modules = dict(module.named_modules(remove_duplicate=False))
     names = {block.name: block.tensor_names for block in plan.profile.blocks}
+    order = {name: index for index, name in enumerate(names)}
     blocks = []
-    for placement in plan.placements:
+    for placement in sorted(plan.placements, key=lambda placement: order.get(placement.block, len(order))):
         if placement.block not in modules:
             raise DeviceMapError(
                 f"the plan places block {placement.block!r}, which {type(module).__name__} does not have; "
                 "the plan was made for another model: make it again for this one"
             )
         tensors = tuple(_find_tensor(modules, name) for name in names.get(placement.block, ()))
-        blocks.append(_Block(placement, modules[placement.block], tensors))
+        blocks.append(PlacedBlock(placement, modules[placement.block], tensors))
     return blocks
 
 
-def _find_tensor(modules: Mapping[str, nn.Module], name: str) -> _Tensor:
+def _find_tensor(modules: Mapping[str, nn.Module], name: str) -> BlockTensor:
     path, _, key = name.rpartition(".")
     owner = modules.get(path)
     if owner is None or (key not in owner._parameters and key not in owner._buffers):
         raise DeviceMapError(f"the plan names tensor {name!r}, which the model does not have; make the plan again")
-    return _Tensor(name, owner, key, key in owner._parameters)
+    return BlockTensor(name, owner, key, key in owner._parameters)
 
 
-def _place(blocks: list[_Block], files: OffloadFiles) -> None:
+def _place(blocks: list[PlacedBlock], files: OffloadFiles) -> None:
     """Move every tensor where its block is kept; write disk blocks into ``files`` and map them.
 
     A tensor reached from several blocks (tied weights) moves once and stays shared.
@@ -215,7 +223,7 @@ def _like(original: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     return data
 
 
-def _fetchers(blocks: list[_Block], executor: Executor, depth: int, disk_resident_bytes: int | None) -> dict:
+def _fetchers(blocks: list[PlacedBlock], executor: Executor, depth: int, disk_resident_bytes: int | None) -> dict:
     """For each offloaded block with weights to fetch, what fetches them: the host pager, or its GPU's streamer."""
     uses = Counter()
     for block in blocks:
@@ -244,7 +252,7 @@ def _fetchers(blocks: list[_Block], executor: Executor, depth: int, disk_residen
     return fetchers
 
 
-def _streamed_parameters(block: _Block, uses: Counter, nested: set[str]) -> tuple[tuple[dict, str], ...]:
+def _streamed_parameters(block: PlacedBlock, uses: Counter, nested: set[str]) -> tuple[tuple[dict, str], ...]:
     """The parameters that travel with ``block``; the rest move to its execution device for good.
 
     Buffers, tensors other blocks share (tied weights), and the own tensors of a block that
@@ -263,7 +271,7 @@ def _streamed_parameters(block: _Block, uses: Counter, nested: set[str]) -> tupl
     return tuple(streamed)
 
 
-def _contains_other_blocks(block: _Block, blocks: list[_Block]) -> bool:
+def _contains_other_blocks(block: PlacedBlock, blocks: list[PlacedBlock]) -> bool:
     name = block.placement.block
     return any(
         other is not block and (name == "" or other.placement.block.startswith(name + ".")) for other in blocks
@@ -314,7 +322,7 @@ class _Prefetcher:
         self._fetchers[name].unbind(name)
 
 
-def _hook_block(block: _Block, prefetcher: _Prefetcher | None) -> list:
+def _hook_block(block: PlacedBlock, prefetcher: _Prefetcher | None) -> list:
     device = torch.device(block.placement.execution_device)
     name = block.placement.block
     non_blocking = device.type != "cpu"
@@ -322,8 +330,8 @@ def _hook_block(block: _Block, prefetcher: _Prefetcher | None) -> list:
     def move_inputs(module, args, kwargs):
         if prefetcher is not None:
             prefetcher.before(name)
-        moved_args = _moved(args, device, non_blocking)
-        moved_kwargs = _moved(kwargs, device, non_blocking)
+        moved_args = moved(args, device, non_blocking)
+        moved_kwargs = moved(kwargs, device, non_blocking)
         if moved_args is args and moved_kwargs is kwargs:
             return None
         return moved_args, moved_kwargs
@@ -332,75 +340,6 @@ def _hook_block(block: _Block, prefetcher: _Prefetcher | None) -> list:
     if prefetcher is not None:
         handles.append(block.module.register_forward_hook(lambda *_: prefetcher.after(name), always_call=True))
     return handles
-
-
-def _moved(value, device: torch.device, non_blocking: bool):
-    """``value`` with every tensor in it (through tuples, lists and dicts) on ``device``; itself if none moved.
-
-    Anything else (a KV cache object, numbers) is passed as is: caches stay where their layers are.
-    """
-    if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device, non_blocking=non_blocking)
-    if isinstance(value, (tuple, list)):
-        items = [_moved(item, device, non_blocking) for item in value]
-        if all(new is old for new, old in zip(items, value)):
-            return value
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, Mapping):
-        items = {key: _moved(item, device, non_blocking) for key, item in value.items()}
-        if all(items[key] is item for key, item in value.items()):
-            return value
-        # A copy keeps the mapping's type (a transformers ModelOutput too) without changing the caller's.
-        result = copy.copy(value)
-        for key, item in items.items():
-            result[key] = item
-        return result
-    return value
-
-
-def _return_to_input_device(module, args, kwargs, output):
-    device = _first_tensor_device((args, kwargs))
-    if device is None:
-        return None
-    # Copies to the CPU must be finished before the caller reads them.
-    moved = _moved(output, device, non_blocking=device.type != "cpu")
-    return None if moved is output else moved
-
-
-def _first_tensor_device(value) -> torch.device | None:
-    if isinstance(value, torch.Tensor):
-        return value.device
-    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
-    for item in items:
-        device = _first_tensor_device(item)
-        if device is not None:
-            return device
-    return None
-
-
-class _EncoderOutputs:
-    """transformers' ``generate`` asks an offloaded model's encoder for outputs on its inputs' device.
-
-    It looks for an accelerate hook at ``encoder._hf_hook`` and sets its ``io_same_device``;
-    this stands in for one, so that generate neither needs accelerate nor adds its hooks.
-    """
-
-    def __init__(self):
-        self.io_same_device = False
-
-    def __call__(self, module, args, kwargs, output):
-        return _return_to_input_device(module, args, kwargs, output) if self.io_same_device else None
-
-
-def _hook_encoder(module: nn.Module, handles: list) -> nn.Module | None:
-    get_encoder = getattr(module, "get_encoder", None)
-    encoder = get_encoder() if callable(get_encoder) else None
-    if not isinstance(encoder, nn.Module) or encoder is module:
-        return None
-    outputs = _EncoderOutputs()
-    handles.append(encoder.register_forward_hook(outputs, with_kwargs=True))
-    encoder.__dict__["_hf_hook"] = outputs
-    return encoder
 
 
 def is_dispatched(module: nn.Module) -> bool:

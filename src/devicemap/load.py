@@ -24,7 +24,7 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .devices import DeviceLike, check_devices_exist, loading_budgets
-from .dispatch import DEFAULT_PREFETCH_DEPTH, _Block, _Tensor, attach, blocks_of
+from .dispatch import DEFAULT_PREFETCH_DEPTH, BlockTensor, PlacedBlock, attach, blocks_of, check_prefetch_depth
 from .errors import CheckpointError
 from .keys import check_keys
 from .offload import OffloadFiles
@@ -66,6 +66,7 @@ def load(
     >>> model.generate(**tokenizer("What is machine learning?", return_tensors="pt"), max_new_tokens=50)
     tensor([[...]])
     """
+    check_prefetch_depth(prefetch_depth)
     try:
         return _load(
             Path(model), device_map, max_memory, dtype, workload, offload_folder, offload, allow_pickle,
@@ -134,7 +135,7 @@ class _Materializer:
         self.bar = bar
         self.dtypes = _target_dtypes(model, dtype)
 
-    def run(self, blocks: list[_Block]) -> None:
+    def run(self, blocks: list[PlacedBlock]) -> None:
         where = {tensor.name: (block, tensor) for block in blocks for tensor in block.tensors}
         unplaced = sorted(set(self.sources.sources) - where.keys())
         if unplaced:
@@ -148,7 +149,7 @@ class _Materializer:
             device = block.placement.device if tensor.is_parameter else block.placement.execution_device
             totals[device] = totals.get(device, 0) + self._bytes(name)
         self.bar.expect(totals)
-        for_disk: dict[str, list[tuple[_Tensor, Source]]] = {}
+        for_disk: dict[str, list[tuple[BlockTensor, Source]]] = {}
         for source in self._in_file_order():
             block, tensor = where[source.target]
             if tensor.is_parameter and block.placement.device == "disk" and not self._maps_as_is(source):
@@ -203,7 +204,7 @@ class _Materializer:
             )
         return tensor
 
-    def _write_block(self, block_name: str, pending: list[tuple[_Tensor, Source]]) -> None:
+    def _write_block(self, block_name: str, pending: list[tuple[BlockTensor, Source]]) -> None:
         """Convert a disk block's tensors one at a time into an offload file, then map them from it."""
         by_name = {tensor.name: source for tensor, source in pending}
         specs = [(name, self.dtypes[name], tuple(self.sources.found_shapes[name])) for name in by_name]
@@ -216,7 +217,7 @@ class _Materializer:
         for tensor, _ in pending:
             self._assign(tensor, mapped[tensor.name])
 
-    def _assign(self, tensor: _Tensor, value: torch.Tensor) -> None:
+    def _assign(self, tensor: BlockTensor, value: torch.Tensor) -> None:
         meta = tensor.value
         if tensor.is_parameter:
             value = nn.Parameter(value, requires_grad=meta.requires_grad and value.is_floating_point())
@@ -263,7 +264,7 @@ def _matches(pattern: str, name: str) -> bool:
     return re.search(pattern.replace("*", ".*"), name) is not None
 
 
-def _finish_tensors(model: nn.Module, blocks: list[_Block], sources: SourceMap) -> None:
+def _finish_tensors(model: nn.Module, blocks: list[PlacedBlock], sources: SourceMap) -> None:
     """Tie shared weights, then make what the checkpoint lacks (non-persistent buffers) where it computes."""
     if isinstance(model, PreTrainedModel):
         missing = set(model.state_dict(keep_vars=True)) - set(sources.sources)

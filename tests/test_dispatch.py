@@ -5,6 +5,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,12 @@ from models import build_random_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+import devicemap
 from devicemap.dispatch import _Prefetcher, dispatch, is_dispatched, remove_dispatch
 from devicemap.load import load
 from devicemap.moving import moved
 from devicemap.paging import HostPager, PageRange, page_ranges
+from devicemap.plan import Placement
 from devicemap.streaming import aligned_offsets
 
 gpu = pytest.mark.gpu
@@ -230,8 +233,25 @@ def test_blocks_streamed_to_the_gpu_generate_the_plain_models_tokens(stored, ran
 
 @gpu
 @needs_cuda
+def test_tied_weights_of_blocks_streamed_to_the_gpu_stay_one_tensor_there(random_model_folder):
+    folder = random_model_folder("llama-tied")
+    model = load(folder, device_map={**llama_map("cpu"), "model.norm": 0})
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.device.type == "cuda", "shared by two blocks: kept where they compute"
+    reference = AutoModelForCausalLM.from_pretrained(folder).to("cuda:0")
+    ids = IDS.to("cuda:0")
+    expected = reference.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+
+
+@gpu
+@needs_cuda
 def test_outputs_return_to_the_inputs_device_and_the_cache_stays_with_its_layers(random_model_folder):
-    model = load(random_model_folder("llama"), device_map={**llama_map("cpu"), "model.layers.3": 0})
+    folder = random_model_folder("llama")
+    on_cpu = devicemap.plan(folder, "cpu")
+    gpu_layer = Placement("model.layers.3", "cuda:0", "cuda:0")
+    placements = tuple(gpu_layer if p.block == gpu_layer.block else p for p in on_cpu.placements)
+    model = load(folder, device_map=replace(on_cpu, placements=placements))
     output = model(input_ids=IDS, use_cache=True)
     assert output.logits.device.type == "cpu"
     layer_devices = [layer.keys.device.type for layer in output.past_key_values.layers]

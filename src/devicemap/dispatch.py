@@ -188,26 +188,36 @@ def _find_tensor(modules: Mapping[str, nn.Module], name: str) -> BlockTensor:
 def _place(blocks: list[PlacedBlock], files: OffloadFiles) -> None:
     """Move every tensor where its block is kept; write disk blocks into ``files`` and map them.
 
-    A tensor reached from several blocks (tied weights) moves once and stays shared.
+    A tensor reached from several blocks (tied weights) moves once and stays shared:
+    ``moved`` maps its id to (the tensor, its new self), holding the original so that its
+    id is not reused by another tensor meanwhile.
     """
-    moved: dict[int, torch.Tensor] = {}
+    moved: dict[int, tuple] = {}
     for block in blocks:
         on_disk = []
         for tensor in block.tensors:
             current = tensor.value
             if id(current) in moved:
-                tensor.owner[tensor.key] = moved[id(current)]
+                tensor.owner[tensor.key] = moved[id(current)][1]
             elif tensor.is_parameter and block.placement.device == "disk":
                 on_disk.append(tensor)
             else:
                 target = block.placement.device if tensor.is_parameter else block.placement.execution_device
-                moved[id(current)] = tensor.owner[tensor.key] = _to(current, target)
+                moved[id(current)] = (current, _to(current, target))
+                tensor.owner[tensor.key] = moved[id(current)][1]
         if on_disk:
-            specs = [(t.name, t.value.dtype, tuple(t.value.shape)) for t in on_disk]
-            by_name = {t.name: t.value for t in on_disk}
-            mapped = files.write_block(block.placement.block, specs, by_name.__getitem__)
-            for tensor in on_disk:
-                moved[id(tensor.value)] = tensor.owner[tensor.key] = _like(tensor.value, mapped[tensor.name])
+            _write_to_disk(block, on_disk, files, moved)
+
+
+def _write_to_disk(block: PlacedBlock, tensors: list[BlockTensor], files: OffloadFiles, moved: dict) -> None:
+    unique = list({id(t.value): t for t in tensors}.values())
+    specs = [(t.name, t.value.dtype, tuple(t.value.shape)) for t in unique]
+    by_name = {t.name: t.value for t in unique}
+    mapped = files.write_block(block.placement.block, specs, by_name.__getitem__)
+    for tensor in unique:
+        moved[id(tensor.value)] = (tensor.value, _like(tensor.value, mapped[tensor.name]))
+    for tensor in tensors:
+        tensor.owner[tensor.key] = moved[id(tensor.value)][1]
 
 
 def _to(tensor: torch.Tensor, device: str) -> torch.Tensor:
@@ -225,9 +235,8 @@ def _like(original: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
 
 def _fetchers(blocks: list[PlacedBlock], executor: Executor, depth: int, disk_resident_bytes: int | None) -> dict:
     """For each offloaded block with weights to fetch, what fetches them: the host pager, or its GPU's streamer."""
-    uses = Counter()
-    for block in blocks:
-        uses.update({id(tensor.value) for tensor in block.tensors})
+    references = Counter(id(tensor.value) for block in blocks for tensor in block.tensors)
+    moved: dict[int, tuple] = {}
     nested = {block.placement.block for block in blocks if _contains_other_blocks(block, blocks)}
     offloaded = [block for block in blocks if block.offloaded]
     ranges = {
@@ -241,7 +250,7 @@ def _fetchers(blocks: list[PlacedBlock], executor: Executor, depth: int, disk_re
     by_device: dict[str, list[StreamedBlock]] = {}
     for block in offloaded:
         device = block.placement.execution_device
-        streamed = _streamed_parameters(block, uses, nested) if device != "cpu" else ()
+        streamed = _streamed_parameters(block, references, nested, moved) if device != "cpu" else ()
         if streamed:
             pack = block.placement.device == "cpu"
             by_device.setdefault(device, []).append(StreamedBlock(block.placement.block, streamed, pack))
@@ -252,22 +261,27 @@ def _fetchers(blocks: list[PlacedBlock], executor: Executor, depth: int, disk_re
     return fetchers
 
 
-def _streamed_parameters(block: PlacedBlock, uses: Counter, nested: set[str]) -> tuple[tuple[dict, str], ...]:
+def _streamed_parameters(
+    block: PlacedBlock, references: Counter, nested: set[str], moved: dict[int, tuple]
+) -> tuple[tuple[dict, str], ...]:
     """The parameters that travel with ``block``; the rest move to its execution device for good.
 
-    Buffers, tensors other blocks share (tied weights), and the own tensors of a block that
-    holds other blocks (which run while it is bound) stay on the execution device.
+    Buffers, tensors reached under several names (tied weights), and the own tensors of a
+    block that holds other blocks (which run while it is bound) stay on the execution device.
+    ``moved`` maps a moved tensor's id to (the tensor, its copy), so that every name of it
+    gets the one copy; holding the original keeps its id from being reused meanwhile.
     """
     device = block.placement.execution_device
-    streamed, seen = [], set()
+    streamed = []
     for tensor in block.tensors:
-        if id(tensor.value) in seen:
-            continue
-        seen.add(id(tensor.value))
-        if tensor.is_parameter and uses[id(tensor.value)] == 1 and block.placement.block not in nested:
+        current = tensor.value
+        if id(current) in moved:
+            tensor.owner[tensor.key] = moved[id(current)][1]
+        elif tensor.is_parameter and references[id(current)] == 1 and block.placement.block not in nested:
             streamed.append((tensor.owner, tensor.key))
         else:
-            tensor.owner[tensor.key] = _to(tensor.value, device)
+            moved[id(current)] = (current, _to(current, device))
+            tensor.owner[tensor.key] = moved[id(current)][1]
     return tuple(streamed)
 
 

@@ -101,3 +101,15 @@ def test_a_plans_device_map_given_back_as_a_manual_map_places_every_block_the_sa
     plan = make_plan(full_profile(name), budgets, Workload(1, 1024), "auto")
     again = make_plan(full_profile(name), budgets, Workload(1, 1024), plan.device_map)
     assert devices_of(again) == devices_of(plan)
+
+
+def test_a_map_that_leaves_out_a_module_of_computed_buffers_places_it_beside_its_neighbour():
+    blocks = (
+        Block("model.embed_tokens", 100, tensor_names=("model.embed_tokens.weight",)),
+        Block("model.rotary_emb", 0, buffer_bytes=64, tensor_names=("model.rotary_emb.inv_freq",)),
+        Block("model.layers.0", 100, tensor_names=("model.layers.0.weight",)),
+    )
+    profile = Profile("toy", "float32", blocks)
+    plan = make_plan(profile, {"cuda:0": 10_000, "cuda:1": 10_000}, Workload(1, 8),
+                     {"model.embed_tokens": 1, "model.layers": 0})
+    assert {p.block: p.device for p in plan.placements}["model.rotary_emb"] == "cuda:1"

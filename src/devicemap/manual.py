@@ -81,6 +81,8 @@ def _block_devices(profile: Profile, targets: dict[str, str]) -> dict[str, str]:
     uncovered, split, devices = [], [], {}
     for block in profile.blocks:
         found = {name: _device_for(name, targets) for name in _leaves(block)}
+        if _computed_buffers_only(block) and not any(found.values()):
+            continue
         uncovered += [name for name, device in found.items() if device is None]
         distinct = sorted({device for device in found.values() if device is not None}, key=device_order)
         if len(distinct) > 1:
@@ -97,7 +99,25 @@ def _block_devices(profile: Profile, targets: dict[str, str]) -> dict[str, str]:
             f"the device map splits block(s) that run as one unit across devices: {_listing(split)}; "
             "map each of them to one device"
         )
-    return devices
+    return _with_buffer_blocks_beside_neighbours(profile, devices)
+
+
+def _computed_buffers_only(block) -> bool:
+    """A block of buffers alone (rotary frequencies): transformers' maps may leave it out."""
+    return block.weight_bytes == 0 and block.buffer_bytes > 0
+
+
+def _with_buffer_blocks_beside_neighbours(profile: Profile, devices: dict[str, str]) -> dict[str, str]:
+    """Unmapped buffer-only blocks go where the block before them runs (or the one after, if first)."""
+    names = [block.name for block in profile.blocks]
+    placed = [name for name in names if name in devices]
+    if not placed:
+        return devices
+    resolved, previous = {}, devices[placed[0]]
+    for name in names:
+        previous = devices.get(name, previous)
+        resolved[name] = previous
+    return resolved
 
 
 def _check_ties(profile: Profile, devices: dict[str, str]) -> None:

@@ -91,7 +91,8 @@ def test_dispatching_a_module_in_memory_onto_disk_writes_safetensors_and_keeps_i
     files = sorted(folder.iterdir())
     assert len(files) == 2
     with safe_open(str(files[0]), framework="pt") as written:
-        assert torch.equal(written.get_tensor("model.layers.0.mlp.up_proj.weight"), model.model.layers[0].mlp.up_proj.weight)
+        first = written.get_tensor("model.layers.0.mlp.up_proj.weight")
+    assert torch.equal(first, model.model.layers[0].mlp.up_proj.weight)
     weight = model.model.layers[5].self_attn.q_proj.weight
     assert weight.untyped_storage().nbytes() <= files[1].stat().st_size, "a view of the file, not a copy"
     assert torch.equal(logits(model, IDS), expected)
@@ -141,7 +142,8 @@ def test_the_prefetcher_fetches_the_next_blocks_in_plan_order_cyclically():
     prefetcher = _Prefetcher(["a", "b", "c"], dict.fromkeys("abc", recorder), depth=2)
     prefetcher.before("c")
     prefetcher.after("c")
-    assert recorder.calls == [("prepare", "c"), ("fetch_ahead", "a"), ("fetch_ahead", "b"), ("bind", "c"), ("unbind", "c")]
+    expected = [("prepare", "c"), ("fetch_ahead", "a"), ("fetch_ahead", "b"), ("bind", "c"), ("unbind", "c")]
+    assert recorder.calls == expected
 
 
 def test_the_prefetcher_learns_the_order_blocks_really_run_in():

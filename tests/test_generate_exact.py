@@ -101,7 +101,8 @@ def test_every_strategy_that_must_offload_generates_the_plain_models_tokens(
 
 
 def test_the_demo_model_in_float32_with_every_layer_on_disk_generates_its_plain_tokens(demo_model, tmp_path):
-    model = load(demo_model, device_map=map_layers(demo_model, layer_blocks(demo_model), "disk"), offload_folder=tmp_path)
+    every_layer_on_disk = map_layers(demo_model, layer_blocks(demo_model), "disk")
+    model = load(demo_model, device_map=every_layer_on_disk, offload_folder=tmp_path)
     expected = plain_tokens(demo_model, torch.float32)
     assert torch.equal(greedy(model, prompt(49152)), expected)
     assert not any(tmp_path.iterdir()), "float32 weights are mapped from the checkpoint, not written"

@@ -209,7 +209,8 @@ def test_a_shard_named_in_the_index_but_absent_is_an_error_naming_it(llama, offl
 def test_a_truncated_safetensors_file_is_an_error(llama, offload):
     shard = llama / "model-00003-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:-1000])
-    with pytest.raises(CheckpointError, match=r"model-00003-of-00003.safetensors is corrupt or truncated.*1000 missing"):
+    truncated = r"model-00003-of-00003.safetensors is corrupt or truncated.*1000 missing"
+    with pytest.raises(CheckpointError, match=truncated):
         load(llama, device_map=LAYERS_ON_DISK, dtype=torch.bfloat16, offload_folder=offload)
     assert_nothing_left(offload, llama)
 
@@ -255,16 +256,20 @@ def test_a_shape_mismatch_names_the_tensor_and_both_shapes(llama, offload):
     config = json.loads((llama / "config.json").read_text())
     config["intermediate_size"] = 96
     (llama / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.down_proj.weight expects \[64, 96\], checkpoint has \[64, 128\]"):
+    mismatch = r"model.layers.0.mlp.down_proj.weight expects \[64, 96\], checkpoint has \[64, 128\]"
+    with pytest.raises(CheckpointError, match=mismatch):
         load(llama, offload_folder=offload)
     assert_nothing_left(offload, llama)
 
 
-def test_a_mismatch_found_while_writing_disk_blocks_leaves_no_half_written_folder(random_model_folder, tmp_path, offload):
+def test_a_mismatch_found_while_writing_disk_blocks_leaves_no_half_written_folder(
+    random_model_folder, tmp_path, offload
+):
     folder = Path(shutil.copytree(random_model_folder("qwen3-moe", shards=1), tmp_path / "moe"))
     bad = "model.layers.3.mlp.experts.2.up_proj.weight"
     _rewrite_shard(folder, "model.safetensors", lambda t: t.update({bad: torch.zeros(16, 64)}))
-    with pytest.raises(CheckpointError, match=r"model.layers.3.mlp.experts.gate_up_proj is built from 8 checkpoint tensors"):
+    fused = r"model.layers.3.mlp.experts.gate_up_proj is built from 8 checkpoint tensors"
+    with pytest.raises(CheckpointError, match=fused):
         load(folder, device_map=LAYERS_ON_DISK, dtype=torch.bfloat16, offload_folder=offload)
     assert_nothing_left(offload, folder)
 

@@ -137,6 +137,8 @@ def attach(
     """Hook a module whose tensors are already where ``plan`` keeps them (see ``load``).
 
     Buffers and tensors shared between blocks of a streamed block move to its execution device.
+
+    >>> attach(model, model.devicemap_plan, prefetch_depth=2)  # doctest: +SKIP
     """
     check_prefetch_depth(prefetch_depth)
     blocks = blocks_of(module, plan)
@@ -161,7 +163,11 @@ def check_prefetch_depth(prefetch_depth: int) -> None:
 
 
 def blocks_of(module: nn.Module, plan: Plan) -> list[PlacedBlock]:
-    """The plan's blocks in the profile's (execution) order, each with its module and its tensors."""
+    """The plan's blocks in the profile's (execution) order, each with its module and its tensors.
+
+    >>> [block.placement.block for block in blocks_of(model, plan)][:2]  # doctest: +SKIP
+    ['model.embed_tokens', 'model.layers.0']
+    """
     modules = dict(module.named_modules(remove_duplicate=False))
     names = {block.name: block.tensor_names for block in plan.profile.blocks}
     order = {name: index for index, name in enumerate(names)}
@@ -357,6 +363,10 @@ def _hook_block(block: PlacedBlock, prefetcher: _Prefetcher | None) -> list:
 
 
 def is_dispatched(module: nn.Module) -> bool:
-    """Whether ``dispatch`` or ``load`` hooked ``module`` (and ``remove_dispatch`` has not since)."""
+    """Whether ``dispatch`` or ``load`` hooked ``module`` (and ``remove_dispatch`` has not since).
+
+    >>> is_dispatched(remove_dispatch(model))  # doctest: +SKIP
+    False
+    """
     return "_devicemap_dispatch" in module.__dict__
 

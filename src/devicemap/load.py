@@ -9,6 +9,7 @@ weights plus the tensor being converted; pages read only to be copied elsewhere 
 given back as soon as they are.
 """
 
+import functools
 import os
 import re
 import sys
@@ -37,6 +38,24 @@ from .sources import Source, SourceMap, map_sources
 from .workload import Workload, dtype_name
 
 
+def _frees_on_failure(function):
+    """A failed call's frames hold what it built (a half-loaded model); clear them as the error leaves.
+
+    Otherwise that memory stays held for as long as the caller keeps the exception.
+    """
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except BaseException as error:
+            traceback.clear_frames(error.__traceback__)
+            raise
+
+    return call
+
+
+@_frees_on_failure
 def load(
     model: str | os.PathLike,
     device_map: str | DeviceLike | Mapping[str, DeviceLike] | Plan = "auto",
@@ -67,43 +86,29 @@ def load(
     tensor([[...]])
     """
     check_prefetch_depth(prefetch_depth)
-    try:
-        return _load(
-            Path(model), device_map, max_memory, dtype, workload, offload_folder, offload, allow_pickle,
-            trust_remote_code, progress, prefetch_depth, disk_resident_bytes,
-        )  # fmt: skip
-    except BaseException as error:
-        # A failed load's frames hold the half-built model; clearing them frees it now,
-        # not whenever the caller drops the exception.
-        traceback.clear_frames(error.__traceback__)
-        raise
-
-
-def _load(folder, device_map, max_memory, dtype, workload, offload_folder, offload, allow_pickle,
-          trust_remote_code, progress, prefetch_depth, disk_resident_bytes) -> PreTrainedModel:  # fmt: skip
-    checkpoint = open_checkpoint(folder, allow_pickle=allow_pickle)
+    checkpoint = open_checkpoint(Path(model), allow_pickle=allow_pickle)
     config = load_config(checkpoint.folder, trust_remote_code)
     load_dtype = _load_dtype(dtype, config, checkpoint)
-    model = build_on_meta(config, load_dtype, trust_remote_code)
-    sources = map_sources(model, checkpoint.shapes)
-    check_keys(sources.found_shapes, model, source=str(checkpoint.folder))
-    plan = _plan(model, device_map, load_dtype, max_memory, workload, offload, offload_folder)
-    blocks = blocks_of(model, plan)
+    built = build_on_meta(config, load_dtype, trust_remote_code)
+    sources = map_sources(built, checkpoint.shapes)
+    check_keys(sources.found_shapes, built, source=str(checkpoint.folder))
+    plan = _plan(built, device_map, load_dtype, max_memory, workload, offload, offload_folder)
+    blocks = blocks_of(built, plan)
     files = OffloadFiles(offload_folder)
     try:
         with _progress_bar(progress) as bar:
-            _Materializer(model, checkpoint, sources, load_dtype, files, bar).run(blocks)
-        _finish_tensors(model, blocks, sources)
-        files.commit(model)
+            _Materializer(built, checkpoint, sources, load_dtype, files, bar).run(blocks)
+        _finish_tensors(built, blocks, sources)
+        files.commit(built)
     except BaseException:
         files.discard()
         raise
-    model.eval()
-    model.hf_device_map = plan.device_map
-    model.devicemap_plan = plan
-    if (checkpoint.folder / "generation_config.json").is_file() and model.can_generate():
-        model.generation_config = GenerationConfig.from_pretrained(checkpoint.folder)
-    return attach(model, plan, prefetch_depth=prefetch_depth, disk_resident_bytes=disk_resident_bytes)
+    built.eval()
+    built.hf_device_map = plan.device_map
+    built.devicemap_plan = plan
+    if (checkpoint.folder / "generation_config.json").is_file() and built.can_generate():
+        built.generation_config = GenerationConfig.from_pretrained(checkpoint.folder)
+    return attach(built, plan, prefetch_depth=prefetch_depth, disk_resident_bytes=disk_resident_bytes)
 
 
 def _load_dtype(dtype, config, checkpoint: Checkpoint) -> torch.dtype:

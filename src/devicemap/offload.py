@@ -96,6 +96,9 @@ def write_streamed(
 
     Only one tensor is in memory at once, however large the block. Wider dtypes come first,
     so every tensor starts at a multiple of its element size and maps without a copy.
+
+    >>> ones = lambda name: torch.ones(2, 2, dtype=torch.bfloat16)
+    >>> write_streamed(Path("block.safetensors"), [("w", torch.bfloat16, (2, 2))], ones)
     """
     ordered = sorted(specs, key=lambda spec: -spec[1].itemsize)
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}

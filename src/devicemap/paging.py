@@ -61,6 +61,8 @@ def unmap_pages(tensor: torch.Tensor) -> None:
 
     For a view the caller no longer reads (its bytes were copied elsewhere). Pages shared
     with a neighbouring tensor stay mapped.
+
+    >>> unmap_pages(checkpoint.tensor("model.layers.0.mlp.up_proj.weight"))  # doctest: +SKIP
     """
     libc = _libc()
     page = mmap.PAGESIZE
@@ -75,6 +77,9 @@ def file_backed(ranges: Iterable[PageRange]) -> bool:
     """Whether every range lies in a mapping of a file, which unmapping cannot lose data of.
 
     Only Linux says so (``/proc/self/maps``); elsewhere the answer is False.
+
+    >>> file_backed(page_ranges([torch.empty(4096, dtype=torch.uint8)]))
+    False
     """
     if not sys.platform.startswith("linux"):
         return False

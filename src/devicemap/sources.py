@@ -38,7 +38,7 @@ class Source:
         return self.converter is None
 
     def make(self, read: Callable[[str], torch.Tensor], model: nn.Module) -> torch.Tensor:
-        """The model tensor, on the CPU, from ``read(key)`` of each checkpoint tensor (one at a time for direct ones)."""
+        """The model tensor, on the CPU, from ``read(key)`` of each of its checkpoint tensors."""
         if self.direct:
             return read(self.keys[0])
         converter = copy.deepcopy(self.converter)

@@ -39,7 +39,11 @@ class StreamedBlock:
 
 
 def aligned_offsets(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
-    """Byte offsets of ``tensors`` laid out one after another on ``_ALIGN_BYTES`` boundaries, and the total."""
+    """Byte offsets of ``tensors`` laid out one after another on ``_ALIGN_BYTES`` boundaries, and the total.
+
+    >>> aligned_offsets([torch.empty(3, dtype=torch.bfloat16), torch.empty(10)])
+    ([0, 256], 296)
+    """
     offsets, end = [], 0
     for tensor in tensors:
         start = end + (-end % _ALIGN_BYTES)

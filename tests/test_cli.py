@@ -62,3 +62,20 @@ def test_a_missing_model_folder_exits_2_naming_it(tmp_path, capsys):
     code = main(["plan", str(tmp_path / "nowhere")])
     assert code == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_generate_answers_with_the_demo_model_offloaded_to_disk_and_reports_speed_and_memory(demo_model, capsys):
+    code = main(["generate", str(demo_model), "What is machine learning?", "--chat",
+                 "--max-memory", "cpu=150MB", "--max-new-tokens", "8"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "Machine learning" in captured.out
+    assert "disk" in captured.err and "execute on cpu" in captured.err
+    assert "tokens/s" in captured.err
+    assert "cpu: planned" in captured.err and "resident" in captured.err
+
+
+def test_generate_refuses_a_device_this_machine_lacks(demo_model, capsys):
+    code = main(["generate", str(demo_model), "Hello", "--device-map", "cuda:7", "--max-new-tokens", "2"])
+    assert code == 2
+    assert "cuda:7" in capsys.readouterr().err

@@ -4,6 +4,8 @@ from .errors import CheckpointError, DeviceMapError, DeviceNotFoundError, DoesNo
 from .plan import Plan
 from .workload import Workload
 from .api import plan  # noqa: E402  (after .plan: the function, not the module, is devicemap.plan)
+from .dispatch import dispatch, remove_dispatch
+from .load import load
 
 __all__ = [
     "CheckpointError",
@@ -13,5 +15,8 @@ __all__ = [
     "PipelineError",
     "Plan",
     "Workload",
+    "dispatch",
+    "load",
     "plan",
+    "remove_dispatch",
 ]

@@ -173,7 +173,7 @@ def _generate_here(model_path: Path, prompts: list[str], args) -> int:
             print(text)
     generated = int((new_tokens != (tokenizer.pad_token_id or -1)).sum())
     console.print(f"\n{generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tokens/s")
-    console.print(memory_report(plan, resident_before_bytes))
+    console.print(memory_report(plan, resident_before_bytes), soft_wrap=True)
     return 0
 
 
@@ -205,8 +205,11 @@ def memory_report(plan: Plan, resident_before_bytes: int) -> str:
         if row.device.startswith("cuda:"):
             used = format_size(torch.cuda.max_memory_allocated(int(row.device[5:])))
         elif row.device == "cpu":
-            resident = format_size(psutil.Process().memory_info().rss)
-            used = f"{resident} resident, {format_size(resident_before_bytes)} of it before loading"
+            memory = psutil.Process().memory_info()
+            used = (
+                f"{format_size(memory.rss)} resident: {format_size(resident_before_bytes)} before loading, "
+                f"{format_size(memory.shared)} file-backed (libraries and mapped weights, which the kernel may drop)"
+            )
         else:
             continue
         lines.append(f"  {row.device}: planned {format_size(row.used_bytes)}, used {used}")

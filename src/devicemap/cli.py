@@ -139,10 +139,11 @@ def _generate_here(model_path: Path, prompts: list[str], args) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
     from .load import load
+    from .pipeline_requests import tokenize
 
     console = Console(stderr=True, highlight=False)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    inputs = _tokenize(tokenizer, prompts, args.chat)
+    inputs = tokenize(tokenizer, prompts, args.chat)
     prompt_tokens = inputs["input_ids"].shape[1]
     workload = Workload(len(prompts), prompt_tokens + args.max_new_tokens)
     resident_before_bytes = psutil.Process().memory_info().rss
@@ -175,18 +176,6 @@ def _generate_here(model_path: Path, prompts: list[str], args) -> int:
     console.print(f"\n{generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tokens/s")
     console.print(memory_report(plan, resident_before_bytes), soft_wrap=True)
     return 0
-
-
-def _tokenize(tokenizer, prompts: list[str], chat: bool):
-    if chat:
-        prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
 
 
 def memory_report(plan: Plan, resident_before_bytes: int) -> str:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from .checkpoint import open_checkpoint
 from .errors import CheckpointError, DeviceMapError
@@ -144,17 +145,22 @@ def _pip_error(result: subprocess.CompletedProcess) -> str:
 
 
 def _convert_gguf(gguf: Path, folder: Path) -> None:
-    """Write ``gguf`` as a float32 Hugging Face folder: sharded safetensors, config, tokenizer."""
+    """Write ``gguf`` as a float32 Hugging Face folder: sharded safetensors, config, tokenizer.
+
+    transformers' own GGUF reader dequantizes the tensors; ``from_pretrained(gguf_file=...)``
+    would do the same but insists on accelerate, which devicemap does not use.
+    """
     with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        tensors = load_gguf_checkpoint(gguf, return_tensors=True, model_to_load=skeleton)["tensors"]
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         folder.mkdir()
-        # save_pretrained refuses GGUF-quantized models; the tensors are plain float32 now.
-        write_sharded(folder, model.state_dict(), _SHARD_COUNT)
-        config = model.config
-        del config.quantization_config
+        write_sharded(folder, {name: tensor.to(torch.float32) for name, tensor in tensors.items()}, _SHARD_COUNT)
+        config.dtype = torch.float32
         config.save_pretrained(folder)
-        model.generation_config.save_pretrained(folder)
+        skeleton.generation_config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
 

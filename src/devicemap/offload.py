@@ -8,8 +8,6 @@ away with the model that reads it (or at exit), and nothing else in the offload 
 is ever written, renamed or removed.
 """
 
-import json
-import math
 import shutil
 import tempfile
 import weakref
@@ -20,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import DeviceMapError
-from .safetensors_file import DTYPE_NAMES
+from .safetensors_file import encode_header
 
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
 
@@ -101,21 +99,9 @@ def write_streamed(
     >>> write_streamed(Path("block.safetensors"), [("w", torch.bfloat16, (2, 2))], ones)
     """
     ordered = sorted(specs, key=lambda spec: -spec[1].itemsize)
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset_bytes = 0
-    for name, dtype, shape in ordered:
-        size_bytes = dtype.itemsize * math.prod(shape)
-        header[name] = {
-            "dtype": DTYPE_NAMES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset_bytes, offset_bytes + size_bytes],
-        }
-        offset_bytes += size_bytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
+    header, _ = encode_header(ordered)
     with path.open("wb") as stream:
-        stream.write(len(encoded).to_bytes(8, "little"))
-        stream.write(encoded)
+        stream.write(header)
         for name, dtype, shape in ordered:
             tensor = produce(name)
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):

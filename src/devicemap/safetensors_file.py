@@ -8,7 +8,7 @@ at a time, so it needs no second copy of them in memory.
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,31 +139,36 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
     120
     """
     ordered = sorted(tensors.items(), key=lambda item: -item[1].dtype.itemsize)
+    header, data_bytes = encode_header([(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in ordered])
+    with path.open("wb") as stream:
+        stream.write(header)
+        for _, tensor in ordered:
+            stream.write(_as_bytes(tensor))
+    return len(header) + data_bytes
+
+
+def encode_header(specs: Sequence[tuple[str, torch.dtype, Sequence[int]]]) -> tuple[bytes, int]:
+    """The length-prefixed header for tensors stored in the order given, and their data's size in bytes.
+
+    >>> encode_header([("w", torch.float32, (2, 2))])[1]
+    16
+    """
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset_bytes = 0
-    for name, tensor in ordered:
-        size_bytes = tensor.numel() * tensor.dtype.itemsize
+    for name, dtype, shape in specs:
+        if dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        size_bytes = dtype.itemsize * math.prod(shape)
         header[name] = {
-            "dtype": _dtype_name(name, tensor),
-            "shape": list(tensor.shape),
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(shape),
             "data_offsets": [offset_bytes, offset_bytes + size_bytes],
         }
         offset_bytes += size_bytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     # Padding the header to 8 bytes keeps the data 8-byte aligned in the file.
     encoded += b" " * (-len(encoded) % 8)
-    with path.open("wb") as stream:
-        stream.write(len(encoded).to_bytes(8, "little"))
-        stream.write(encoded)
-        for _, tensor in ordered:
-            stream.write(_as_bytes(tensor))
-    return 8 + len(encoded) + offset_bytes
-
-
-def _dtype_name(name: str, tensor: torch.Tensor) -> str:
-    if tensor.dtype not in DTYPE_NAMES:
-        raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
-    return DTYPE_NAMES[tensor.dtype]
+    return len(encoded).to_bytes(8, "little") + encoded, offset_bytes
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:

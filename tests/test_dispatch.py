@@ -219,6 +219,13 @@ def test_a_resident_limit_keeps_disk_blocks_mapped_bytes_under_it(random_model_f
     assert _mapped_bytes(tmp_path / "b") <= limit + 2 * 4096 * 6
 
 
+def assert_generates_like_the_plain_model_on_gpu(model, folder):
+    reference = AutoModelForCausalLM.from_pretrained(folder).to("cuda:0")
+    ids = IDS.to("cuda:0")
+    expected = reference.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("stored", ["cpu", "disk"])
@@ -227,10 +234,7 @@ def test_blocks_streamed_to_the_gpu_generate_the_plain_models_tokens(stored, ran
     placed = {**{key: 0 for key in llama_map("cpu")}, **{f"model.layers.{i}": stored for i in range(1, 6)}}
     model = load(folder, device_map=placed, offload_folder=tmp_path)
     assert {p.execution_device for p in model.devicemap_plan.offloaded()} == {"cuda:0"}
-    reference = AutoModelForCausalLM.from_pretrained(folder).to("cuda:0")
-    ids = IDS.to("cuda:0")
-    expected = reference.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+    assert_generates_like_the_plain_model_on_gpu(model, folder)
 
 
 @gpu
@@ -240,10 +244,7 @@ def test_tied_weights_of_blocks_streamed_to_the_gpu_stay_one_tensor_there(random
     model = load(folder, device_map={**llama_map("cpu"), "model.norm": 0})
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.lm_head.weight.device.type == "cuda", "shared by two blocks: kept where they compute"
-    reference = AutoModelForCausalLM.from_pretrained(folder).to("cuda:0")
-    ids = IDS.to("cuda:0")
-    expected = reference.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+    assert_generates_like_the_plain_model_on_gpu(model, folder)
 
 
 @gpu

@@ -1,12 +1,14 @@
 import gc
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from devicemap.checkpoint import open_checkpoint
 from devicemap.errors import CheckpointError
@@ -329,3 +331,62 @@ def test_sharded_pickle_checkpoints_follow_their_index(tmp_path):
 def test_safetensors_are_preferred_when_a_folder_has_both_formats(llama):
     torch.save({"junk": torch.ones(1)}, llama / "pytorch_model.bin")
     assert open_checkpoint(llama).file_format == "safetensors"
+
+
+def _one_tensor_folder(folder: Path, tensor: torch.Tensor) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    save_file({"w": tensor}, folder / "model.safetensors")
+    return folder
+
+
+# More elements than one read of read_into's buffer (1 MiB) holds.
+_LARGE = torch.randn(300_000)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_read_into_converts_a_tensor_larger_than_its_read_buffer_exactly_as_torch_does(tmp_path, dtype):
+    checkpoint = open_checkpoint(_one_tensor_folder(tmp_path / "model", _LARGE))
+    out = torch.empty(_LARGE.shape, dtype=dtype)
+    checkpoint.read_into("w", out)
+    assert torch.equal(out, _LARGE.to(dtype))
+
+
+def test_read_into_reads_any_range_of_elements(tmp_path):
+    checkpoint = open_checkpoint(_one_tensor_folder(tmp_path / "model", _LARGE))
+    out = torch.empty(1000, dtype=torch.bfloat16)
+    checkpoint.read_into("w", out, start_element=262_000)
+    assert torch.equal(out, _LARGE[262_000:263_000].to(torch.bfloat16))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_read_into_maps_nothing_into_the_process(tmp_path):
+    folder = _one_tensor_folder(tmp_path / "model", _LARGE)
+    checkpoint = open_checkpoint(folder)
+    checkpoint.read_into("w", torch.empty(_LARGE.shape, dtype=torch.bfloat16))
+    with open("/proc/self/maps") as maps:
+        assert str(folder) not in maps.read()
+
+
+def test_read_into_beyond_the_tensors_end_is_refused(tmp_path):
+    checkpoint = open_checkpoint(_one_tensor_folder(tmp_path / "model", _LARGE))
+    with pytest.raises(ValueError, match=r"elements 299990…300010 are outside tensor w of shape \[300000\]"):
+        checkpoint.read_into("w", torch.empty(20), start_element=299_990)
+
+
+def test_read_into_a_file_cut_short_after_opening_is_an_error_naming_file_and_tensor(tmp_path):
+    folder = _one_tensor_folder(tmp_path / "model", _LARGE)
+    checkpoint = open_checkpoint(folder)
+    path = folder / "model.safetensors"
+    with path.open("r+b") as stream:
+        stream.truncate(path.stat().st_size - 4000)
+    with pytest.raises(CheckpointError, match=r"model.safetensors ends at byte \d+, inside tensor w .*truncated"):
+        checkpoint.read_into("w", torch.empty(_LARGE.shape))
+
+
+def test_read_into_a_pickle_checkpoint_converts_the_range_asked_for(tmp_path):
+    folder = _save_pickle_folder(tmp_path / "model", {"w": _LARGE})
+    checkpoint = open_checkpoint(folder, allow_pickle=True)
+    out = torch.empty(500, dtype=torch.bfloat16)
+    checkpoint.read_into("w", out, start_element=100)
+    assert torch.equal(out, _LARGE[100:600].to(torch.bfloat16))

@@ -115,6 +115,32 @@ def test_the_model_comes_back_in_eval_mode_with_its_device_map_and_plan(random_m
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16, "the checkpoint's dtype by default"
 
 
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory) -> Path:
+    """A float32 Llama whose large tensors span several of the loader's read buffers and pieces."""
+    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=1100, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]
+    folder = tmp_path_factory.mktemp("wide-llama")
+    write_sharded(folder, LlamaForCausalLM(config).state_dict(), shard_count=2)
+    config.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("device_map", ["cpu", LAYERS_ON_DISK])
+def test_a_converting_load_holds_exactly_each_checkpoint_tensor_converted_by_torch(wide_llama, device_map, tmp_path):
+    model = load(wide_llama, device_map=device_map, dtype=torch.bfloat16, offload_folder=tmp_path)
+    expected = {}
+    for path in wide_llama.glob("*.safetensors"):
+        expected.update(load_file(path))
+    loaded = model.state_dict()
+    assert max(tensor.numel() for tensor in expected.values()) > 2**18
+    assert sorted(loaded) == sorted(expected)
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == torch.bfloat16, name
+        assert torch.equal(loaded[name], tensor.to(torch.bfloat16)), name
+
+
 def test_a_plan_is_loaded_as_it_is(random_model_folder, tmp_path):
     folder = random_model_folder("llama")
     plan = devicemap.plan(folder, LAYERS_ON_DISK)

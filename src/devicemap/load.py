@@ -1,20 +1,24 @@
 """Load a model folder straight onto the devices a plan gives, then hook it to run there.
 
-The model is built on the meta device; each checkpoint tensor is then read from its
-file's memory mapping and put where its block lives, at the load dtype: copied to its
-accelerator, kept as a view of the file on the CPU or on disk when the dtype already
-matches (no copy, nothing written), converted in memory for the CPU, or converted and
-written to devicemap's own offload folder for disk. Host memory holds the CPU-resident
-weights plus the tensor being converted; pages read only to be copied elsewhere are
-given back as soon as they are.
+The model is built on the meta device; each checkpoint tensor is then put where its
+block lives, at the load dtype: copied from its file's memory mapping to its
+accelerator; kept as a view of that mapping on the CPU or on disk when the dtype
+already matches (no copy, nothing written); else read through small buffers, on a
+thread per core, and converted into memory for the CPU or, piece by piece, into
+devicemap's own offload folder for disk. Host memory holds the CPU-resident weights
+plus a buffer per thread; pages mapped only to be copied elsewhere are given back as
+soon as they are.
 """
 
 import functools
+import math
 import os
 import re
 import sys
+import threading
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -139,6 +143,7 @@ class _Materializer:
         self.files = files
         self.bar = bar
         self.dtypes = _target_dtypes(model, dtype)
+        self._buffers = threading.local()
 
     def run(self, blocks: list[PlacedBlock]) -> None:
         where = {tensor.name: (block, tensor) for block in blocks for tensor in block.tensors}
@@ -155,16 +160,33 @@ class _Materializer:
             totals[device] = totals.get(device, 0) + self._bytes(name)
         self.bar.expect(totals)
         for_disk: dict[str, list[tuple[BlockTensor, Source]]] = {}
+        on_host: list[tuple[BlockTensor, Source, str]] = []
+        on_accelerators: list[tuple[BlockTensor, Source, str]] = []
         for source in self._in_file_order():
             block, tensor = where[source.target]
             if tensor.is_parameter and block.placement.device == "disk" and not self._maps_as_is(source):
                 for_disk.setdefault(block.placement.block, []).append((tensor, source))
                 continue
             device = block.placement.device if tensor.is_parameter else block.placement.execution_device
-            self._assign(tensor, self._make(source, "cpu" if device == "disk" else device))
-            self.bar.advance(device, self._bytes(source.target))
-        for block_name, pending in for_disk.items():
-            self._write_block(block_name, pending)
+            placed = on_host if device in ("cpu", "disk") else on_accelerators
+            placed.append((tensor, source, device))
+        with _loading_threads() as pool:
+            try:
+                made = [(tensor, device, pool.submit(self._make, source, "cpu")) for tensor, source, device in on_host]
+                written = [(pending, pool.submit(self._write_block, name, pending)) for name, pending in for_disk.items()]
+                for tensor, source, device in on_accelerators:
+                    self._assign(tensor, self._make(source, device))
+                    self.bar.advance(device, self._bytes(source.target))
+                for tensor, device, future in made:
+                    self._assign(tensor, future.result())
+                    self.bar.advance(device, self._bytes(tensor.name))
+                for pending, future in written:
+                    mapped = future.result()
+                    for tensor, _ in pending:
+                        self._assign(tensor, mapped[tensor.name])
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
 
     def _in_file_order(self) -> list[Source]:
         position = {name: index for index, name in enumerate(self.checkpoint.tensors)}
@@ -176,11 +198,15 @@ class _Materializer:
     def _make(self, source: Source, device: str) -> torch.Tensor:
         """The tensor for ``source`` on ``device`` at its dtype: the file's own view when nothing changes."""
         dtype = self.dtypes[source.target]
+        if device == "cpu" and source.direct and not self._maps_as_is(source):
+            converted = torch.empty(self.sources.found_shapes[source.target], dtype=dtype)
+            self.checkpoint.read_into(source.keys[0], converted)
+            return converted
         tensor = self.checkpoint.tensor(source.keys[0]) if source.direct else self._fuse(source)
         if device != "cpu":
             tensor = tensor.to(device).to(dtype)  # the accelerator converts faster than the host
         elif tensor.dtype != dtype:
-            tensor = converted_on_host(tensor, dtype)
+            tensor = tensor.to(dtype)
         for key in source.keys:
             view = self.checkpoint.tensor(key)
             if tensor.data_ptr() != view.data_ptr():
@@ -209,18 +235,29 @@ class _Materializer:
             )
         return tensor
 
-    def _write_block(self, block_name: str, pending: list[tuple[BlockTensor, Source]]) -> None:
-        """Convert a disk block's tensors one at a time into an offload file, then map them from it."""
+    def _write_block(self, block_name: str, pending: list[tuple[BlockTensor, Source]]) -> dict[str, torch.Tensor]:
+        """Convert a disk block's tensors into an offload file, piece by piece, and map them from it."""
         by_name = {tensor.name: source for tensor, source in pending}
         specs = [(name, self.dtypes[name], tuple(self.sources.found_shapes[name])) for name in by_name]
 
-        def produce(name: str) -> torch.Tensor:
+        def produce(name: str) -> torch.Tensor | Iterator[torch.Tensor]:
             self.bar.advance("disk", self._bytes(name))
-            return self._make(by_name[name], "cpu")
+            source = by_name[name]
+            return self._pieces(source) if source.direct else self._make(source, "cpu")
 
-        mapped = self.files.write_block(block_name, specs, produce)
-        for tensor, _ in pending:
-            self._assign(tensor, mapped[tensor.name])
+        return self.files.write_block(block_name, specs, produce)
+
+    def _pieces(self, source: Source) -> Iterator[torch.Tensor]:
+        """Checkpoint tensor ``source`` at its load dtype, in pieces made one at a time in one reused buffer."""
+        dtype = self.dtypes[source.target]
+        if not hasattr(self._buffers, dtype_name(dtype)):
+            setattr(self._buffers, dtype_name(dtype), torch.empty(_PIECE_ELEMENTS, dtype=dtype))
+        buffer = getattr(self._buffers, dtype_name(dtype))
+        total = math.prod(self.sources.found_shapes[source.target])
+        for start in range(0, total, _PIECE_ELEMENTS):
+            piece = buffer[: min(_PIECE_ELEMENTS, total - start)]
+            self.checkpoint.read_into(source.keys[0], piece, start)
+            yield piece
 
     def _assign(self, tensor: BlockTensor, value: torch.Tensor) -> None:
         meta = tensor.value
@@ -235,24 +272,25 @@ class _Materializer:
         return self.dtypes[name].itemsize * int(torch.Size(shape).numel())
 
 
-# torch runs an elementwise op over 32768 elements or more on all its threads. On a busy
-# machine each such parallel region waits milliseconds for its threads to be scheduled
-# (7 ms per tensor measured on 2 shared cores: 1.8 s to convert SmolLM2-135M, against
-# 0.27 s on one thread); pieces under that size run on the calling thread alone.
-_SERIAL_ELEMENTS = 32767
+# A disk block's tensors are converted and written in pieces of this many elements.
+_PIECE_ELEMENTS = 2**18
+# Reading and converting release the GIL, so threads spread them over the process's cores.
+_MAX_LOADING_THREADS = 8
 
 
-def converted_on_host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A CPU copy of ``tensor`` at ``dtype``, converted piece by piece on the calling thread.
+def _loading_threads() -> ThreadPoolExecutor:
+    """Threads for reading, converting and writing host tensors; each runs torch ops on itself alone.
 
-    >>> converted_on_host(torch.ones(3), torch.bfloat16).dtype
-    torch.bfloat16
+    torch splits an elementwise op of 32768 elements or more across its own threads; on
+    a busy machine each split waits milliseconds for them (7 ms per tensor measured on 2
+    shared cores: 1.8 s to convert SmolLM2-135M, against 0.27 s on one thread).
+    ``torch.set_num_threads`` called on a thread sets that thread's count only.
     """
-    converted = torch.empty(tensor.shape, dtype=dtype)
-    source, target = tensor.reshape(-1), converted.view(-1)
-    for start in range(0, source.numel(), _SERIAL_ELEMENTS):
-        target[start : start + _SERIAL_ELEMENTS].copy_(source[start : start + _SERIAL_ELEMENTS])
-    return converted
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return ThreadPoolExecutor(
+        min(cores, _MAX_LOADING_THREADS), thread_name_prefix="devicemap-load",
+        initializer=torch.set_num_threads, initargs=(1,),
+    )  # fmt: skip
 
 
 def _target_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:

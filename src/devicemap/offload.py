@@ -8,10 +8,12 @@ away with the model that reads it (or at exit), and nothing else in the offload 
 is ever written, renamed or removed.
 """
 
+import math
 import shutil
 import tempfile
+import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ from .errors import DeviceMapError
 from .safetensors_file import encode_header
 
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
+# A tensor, or consecutive flat pieces of it, each written before the next is asked for.
+Produced = torch.Tensor | Iterable[torch.Tensor]
 
 
 class OffloadFiles:
@@ -36,17 +40,19 @@ class OffloadFiles:
         self.folder: Path | None = None
         self._created_parents: list[Path] = []
         self._files = 0
+        self._lock = threading.Lock()
 
     def write_block(
-        self, block: str, specs: Sequence[TensorSpec], produce: Callable[[str], torch.Tensor]
+        self, block: str, specs: Sequence[TensorSpec], produce: Callable[[str], Produced]
     ) -> dict[str, torch.Tensor]:
         """Write one block's tensors, made one at a time by ``produce(name)``, and map them back.
 
-        Returns the tensors as CPU views of the new file: nothing of them stays in process memory.
+        Returns the tensors as CPU views of the new file: nothing of them stays in process
+        memory. Threads may write different blocks at once.
         """
-        folder = self._folder()
-        path = folder / f"block-{self._files:05d}.safetensors"
-        self._files += 1
+        with self._lock:
+            path = self._folder() / f"block-{self._files:05d}.safetensors"
+            self._files += 1
         write_streamed(path, specs, produce, block)
         with safe_open(str(path), framework="pt") as mapped:
             return {name: mapped.get_tensor(name) for name, _, _ in specs}
@@ -88,11 +94,13 @@ class OffloadFiles:
 
 
 def write_streamed(
-    path: Path, specs: Sequence[TensorSpec], produce: Callable[[str], torch.Tensor], block: str = ""
+    path: Path, specs: Sequence[TensorSpec], produce: Callable[[str], Produced], block: str = ""
 ) -> None:
     """Write a safetensors file whose tensors ``specs`` announces, asking ``produce`` for one at a time.
 
-    Only one tensor is in memory at once, however large the block. Wider dtypes come first,
+    ``produce(name)`` gives the tensor, or consecutive flat pieces of it; each is written
+    before the next is asked for, so the producer may reuse one buffer for them all, and
+    memory holds at most one tensor however large the block. Wider dtypes come first,
     so every tensor starts at a multiple of its element size and maps without a copy.
 
     >>> ones = lambda name: torch.ones(2, 2, dtype=torch.bfloat16)
@@ -103,11 +111,22 @@ def write_streamed(
     with path.open("wb") as stream:
         stream.write(header)
         for name, dtype, shape in ordered:
-            tensor = produce(name)
-            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                raise DeviceMapError(
-                    f"block {block!r}: tensor {name!r} came as {tensor.dtype} {list(tensor.shape)} where "
-                    f"{dtype} {list(shape)} was announced"
-                )
-            stream.write(memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            pieces = produce(name)
+            if isinstance(pieces, torch.Tensor):
+                if tuple(pieces.shape) != tuple(shape):
+                    raise _unannounced(block, name, f"{pieces.dtype} {list(pieces.shape)}", dtype, shape)
+                pieces = (pieces,)
+            elements = 0
+            for piece in pieces:
+                if piece.dtype != dtype:
+                    raise _unannounced(block, name, f"{piece.dtype} pieces", dtype, shape)
+                stream.write(memoryview(piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                elements += piece.numel()
+            if elements != math.prod(shape):
+                raise _unannounced(block, name, f"{elements} elements", dtype, shape)
 
+
+def _unannounced(block: str, name: str, came: str, dtype: torch.dtype, shape: tuple[int, ...]) -> DeviceMapError:
+    return DeviceMapError(
+        f"block {block!r}: tensor {name!r} came as {came} where {dtype} {list(shape)} was announced"
+    )

@@ -161,21 +161,23 @@ class _Materializer:
         self.bar.expect(totals)
         for_disk: dict[str, list[tuple[BlockTensor, Source]]] = {}
         on_host: list[tuple[BlockTensor, Source, str]] = []
-        on_accelerators: list[tuple[BlockTensor, Source, str]] = []
+        in_this_thread: list[tuple[BlockTensor, Source, str]] = []
         for source in self._in_file_order():
             block, tensor = where[source.target]
             if tensor.is_parameter and block.placement.device == "disk" and not self._maps_as_is(source):
                 for_disk.setdefault(block.placement.block, []).append((tensor, source))
                 continue
             device = block.placement.device if tensor.is_parameter else block.placement.execution_device
-            placed = on_host if device in ("cpu", "disk") else on_accelerators
-            placed.append((tensor, source, device))
+            # Views of the file cost nothing to make; the threads make what takes reading and converting.
+            at_home = device in ("cpu", "disk") and not self._maps_as_is(source)
+            (on_host if at_home else in_this_thread).append((tensor, source, device))
         with _loading_threads() as pool:
             try:
                 made = [(tensor, device, pool.submit(self._make, source, "cpu")) for tensor, source, device in on_host]
-                written = [(pending, pool.submit(self._write_block, name, pending)) for name, pending in for_disk.items()]
-                for tensor, source, device in on_accelerators:
-                    self._assign(tensor, self._make(source, device))
+                written = [(pending, pool.submit(self._write_block, name, pending))
+                           for name, pending in for_disk.items()]
+                for tensor, source, device in in_this_thread:
+                    self._assign(tensor, self._make(source, "cpu" if device == "disk" else device))
                     self.bar.advance(device, self._bytes(source.target))
                 for tensor, device, future in made:
                     self._assign(tensor, future.result())

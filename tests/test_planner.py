@@ -248,6 +248,20 @@ def test_strict_mode_names_the_blocks_that_would_be_offloaded():
         make_plan(layers(8, kv_values=0), budgets, Workload(1, 16), offload=False)
 
 
+def test_strict_mode_allows_the_cpu_as_the_one_device_chosen_on_a_gpu_machine():
+    budgets = {"cuda:0": 800, "cpu": 10_000}
+    plan = make_plan(layers(8, kv_values=0), budgets, Workload(1, 16), "cpu", offload=False)
+    assert {(p.device, p.execution_device) for p in plan.placements} == {("cpu", "cpu")}
+
+
+def test_strict_mode_refuses_weights_kept_on_the_cpu_for_a_gpu_to_compute():
+    budgets = {"cuda:0": 800, "cpu": 10_000}
+    manual_map = {"model.layers.0": "cuda:0", "model.layers": "cpu"}
+    kept_away = r"7 block\(s\) \(.*, from model.layers.1\) would be kept on cpu and computed on cuda:0"
+    with pytest.raises(DoesNotFitError, match=kept_away):
+        make_plan(layers(8, kv_values=0), budgets, Workload(1, 16), manual_map, offload=False)
+
+
 def test_a_24_and_a_48_gib_gpu_share_the_kv_cache_in_proportion_to_their_room():
     profile = layers(32, weight_bytes=GiB // 2, kv_values=1024)
     plan = make_plan(profile, {"cuda:0": 24 * GiB, "cuda:1": 48 * GiB}, Workload(1, 4096, "float32"))

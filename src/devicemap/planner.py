@@ -316,18 +316,18 @@ def _does_not_fit(profile, units, budgets, workload, compute, tiers, offload) ->
 
 
 def _refuse_offload(plan: Plan) -> None:
-    accelerators = [device for device, _ in plan.budgets if is_accelerator(device)]
-    allowed = set(accelerators) if accelerators else {"cpu"}
-    offloaded = [placement for placement in plan.placements if placement.device not in allowed]
+    """Offloading keeps a block's weights away from where it computes: on disk, or in CPU memory for a GPU."""
+    offloaded = [placement for placement in plan.placements if placement.device != placement.execution_device]
     if not offloaded:
         return
     by_name = {block.name: block for block in plan.profile.blocks}
     offloaded_bytes = sum(by_name[placement.block].weight_bytes for placement in offloaded)
-    where = ", ".join(accelerators) or "cpu"
+    kept = ", ".join(sorted({p.device for p in offloaded}, key=device_order))
+    computing = ", ".join(sorted({p.execution_device for p in offloaded}, key=device_order))
     raise DoesNotFitError(
-        f"with offload=False everything must stay on {where}, but {len(offloaded)} block(s) "
-        f"({format_size(offloaded_bytes)}, from {offloaded[0].block}) would go to "
-        f"{', '.join(sorted({p.device for p in offloaded}, key=device_order))}; the budgets are "
+        f"with offload=False every block must stay on the device it computes on, but {len(offloaded)} "
+        f"block(s) ({format_size(offloaded_bytes)}, from {offloaded[0].block}) would be kept on {kept} and "
+        f"computed on {computing}; the budgets are "
         f"{', '.join(f'{d} {format_size(b)}' for d, b in plan.budgets)}; add accelerator memory, "
         "shrink the workload or dtype, or allow offload"
     )

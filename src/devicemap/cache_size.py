@@ -12,7 +12,8 @@ be allocated:
   ``sliding_window - 1`` and keeps a view of those, so the storage it keeps alive is one
   token wider than what it exposes. Right after a prefill longer than the window, the
   view still holds the whole prompt's keys and values alive, until the first generated
-  token replaces them;
+  token replaces them; devicemap's dispatch copies the window out as soon as the
+  layer's block has run (``sliding``), so that a window is all a plan must reserve;
 - multi-head latent attention (DeepSeek-V2/V3) caches the compressed latent and the
   shared rotary key, ``kv_lora_rank + qk_rope_head_dim`` values, and expands them to
   per-head keys and values on every forward;
@@ -91,6 +92,15 @@ def _decoder_config(model: nn.Module) -> PretrainedConfig | None:
 def _can_generate(model: nn.Module) -> bool:
     can_generate = getattr(model, "can_generate", None)
     return callable(can_generate) and bool(can_generate())
+
+
+def cache_layer_indices(block: nn.Module) -> tuple[int, ...]:
+    """The indices of the cache layers ``block`` writes, as the model addresses its cache.
+
+    >>> cache_layer_indices(model.model.layers[3])  # doctest: +SKIP
+    (3,)
+    """
+    return tuple(sorted(_cache_layers(block)))
 
 
 def _cache_layers(block: nn.Module) -> dict[int, list[nn.Module]]:

@@ -5,7 +5,9 @@ computes on, when they are elsewhere; outputs stay where they were made, and the
 model's output returns to the device of its inputs. Blocks offloaded from where they
 compute get their weights ahead of use on one background thread: pages read ahead for
 disk blocks computing on the CPU (which compute on the file's mapping in place), slots
-on the GPU for blocks streamed there (``streaming``). Nothing is hooked below a block.
+on the GPU for blocks streamed there (``streaming``). Blocks of a model with
+sliding-window attention also get a hook after them that holds their cache layers to
+the window the plan reserved (``sliding``). Nothing is hooked below a block.
 """
 
 import os
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .cache_size import cache_layer_indices
 from .devices import DeviceLike, loading_budgets
 from .errors import DeviceMapError
 from .moving import hook_encoder, moved, return_to_input_device
@@ -25,6 +28,7 @@ from .paging import HostPager, page_ranges
 from .plan import Placement, Plan
 from .planner import make_plan
 from .profile import profile_module
+from .sliding import trim_windows_after
 from .streaming import AcceleratorStreamer, StreamedBlock
 
 DEFAULT_PREFETCH_DEPTH = 1
@@ -150,6 +154,8 @@ def attach(
     prefetcher = _Prefetcher(fetched, state.fetchers, prefetch_depth)
     for block in blocks:
         state.handles += _hook_block(block, prefetcher if block.placement.block in state.fetchers else None)
+    if any(block.kv_window is not None for block in plan.profile.blocks):
+        state.handles += _trim_sliding_windows(blocks)
     state.handles.append(module.register_forward_hook(return_to_input_device, with_kwargs=True))
     state.encoder = hook_encoder(module, state.handles)
     module.__dict__["_devicemap_dispatch"] = state
@@ -359,6 +365,16 @@ def _hook_block(block: PlacedBlock, prefetcher: _Prefetcher | None) -> list:
     handles = [block.module.register_forward_pre_hook(move_inputs, with_kwargs=True)]
     if prefetcher is not None:
         handles.append(block.module.register_forward_hook(lambda *_: prefetcher.after(name), always_call=True))
+    return handles
+
+
+def _trim_sliding_windows(blocks: list[PlacedBlock]) -> list:
+    """Hooks that hold each block's sliding-window cache layers to their window (see ``sliding``)."""
+    handles = []
+    for block in blocks:
+        indices = cache_layer_indices(block.module)
+        if indices:
+            handles.append(block.module.register_forward_hook(trim_windows_after(indices), with_kwargs=True))
     return handles
 
 

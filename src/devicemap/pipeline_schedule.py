@@ -5,7 +5,8 @@ same order, one pass each per round: stage 0 embeds (the prompt, then each token
 stage sends back), middle stages transform, the last stage samples and sends the tokens
 to stage 0. Sends are asynchronous, so while stage s+1 works on micro-batch m, stage s
 already works on m+1; with at least as many micro-batches as stages every stage is busy,
-in prefill and in decode alike. Each micro-batch keeps its own KV cache on each stage.
+in prefill and in decode alike. Receives are posted a pass ahead, so a message moves the
+moment its sender has it. Each micro-batch keeps its own KV cache on each stage.
 
 Padding, positions and stopping follow transformers' ``generate`` exactly, so greedy
 output is token for token that of the single-process model on the same padded batch:
@@ -163,10 +164,6 @@ class _MicroBatch:
         self.new_tokens: list[torch.Tensor] = []
         self.step = 0
 
-    @property
-    def query_tokens(self) -> int:
-        return self.prompt_tokens if self.step == 0 else 1
-
     def extend(self) -> None:
         """Make room for one more token: the mask grows by one, the positions move on by one."""
         self.position_ids = self.position_ids[:, -1:] + 1
@@ -186,6 +183,8 @@ def run_request(stage: StageModel, links: StageLinks, request: Request) -> torch
         _MicroBatch(request, rows, stage, keep_mask)
         for rows in micro_batch_rows(request.input_ids.shape[0], request.micro_batches)
     ]
+    for batch in batches:
+        _expect(batch, stage, links, step=0)
     active = list(batches)
     while active:
         active = [batch for batch in active if _advance(batch, stage, links)]
@@ -201,19 +200,20 @@ def _advance(batch: _MicroBatch, stage: StageModel, links: StageLinks) -> bool:
     if links.rank == 0 and batch.step == 0:
         inputs = batch.input_ids
     elif links.rank == 0:
-        tokens, keep_going = links.recv_tokens(batch.size)
+        tokens, keep_going = links.recv_tokens()
         batch.new_tokens.append(tokens)
         if not keep_going:
-            _pass_stop(links, is_last)
+            _pass_stop(batch, stage, links, is_last)
             return False
         inputs = tokens[:, None]
     else:
-        inputs = links.recv_hidden(batch.size, batch.query_tokens, stage.hidden_size, stage.dtype)
+        inputs = links.recv_hidden()
         if inputs is None:
-            _pass_stop(links, is_last)
+            _pass_stop(batch, stage, links, is_last)
             return False
     if batch.step > 0:
         batch.extend()
+    _expect(batch, stage, links, step=batch.step + 1)
     output = stage.forward(inputs, batch.attention_mask, batch.position_ids, batch.cache)
     if is_last:
         tokens, keep_going = batch.sampler.next_tokens(output, batch.step)
@@ -224,9 +224,22 @@ def _advance(batch: _MicroBatch, stage: StageModel, links: StageLinks) -> bool:
     return True
 
 
-def _pass_stop(links: StageLinks, is_last: bool) -> None:
+def _expect(batch: _MicroBatch, stage: StageModel, links: StageLinks, step: int) -> None:
+    """Post the receive of the message that starts ``batch``'s pass at ``step`` on this rank.
+
+    It is posted before this rank computes, a pass early, so that the sender hands the
+    message over the moment it is ready instead of waiting to be asked (see ``pipeline_wire``).
+    """
+    if links.rank == 0 and step > 0:
+        links.expect_tokens(batch.size)
+    elif links.rank > 0:
+        tokens = batch.prompt_tokens if step == 0 else 1
+        links.expect_hidden(batch.size, tokens, stage.hidden_size, stage.dtype)
+
+
+def _pass_stop(batch: _MicroBatch, stage: StageModel, links: StageLinks, is_last: bool) -> None:
     if not is_last:
-        links.send_stop()
+        links.send_stop(batch.size, stage.hidden_size, stage.dtype)
 
 
 def _collect(batches: list[_MicroBatch], pad_token_id: int) -> torch.Tensor:

@@ -186,6 +186,15 @@ def test_sequences_that_hit_eos_early_continue_with_padding_as_in_generate(demo_
     assert torch.equal(demo_pipe.generate(ids, mask, max_new_tokens=6, eos_token_id=eos), expected)
 
 
+def test_one_new_token_stops_every_micro_batch_right_after_its_prompt(demo_pipe, demo_reference, demo_batch):
+    ids, mask = demo_batch["input_ids"], demo_batch["attention_mask"]
+    expected = _reference(demo_reference, ids, mask, max_new_tokens=1)
+    assert torch.equal(demo_pipe.generate(ids, mask, max_new_tokens=1), expected)
+    # the stage after it expected a decode step and got the stop notice; the next request still runs
+    expected = _reference(demo_reference, ids, mask, max_new_tokens=2)
+    assert torch.equal(demo_pipe.generate(ids, mask, max_new_tokens=2), expected)
+
+
 def test_right_padding_and_token_lists_give_the_left_padded_result(demo_pipe, demo_batch):
     ids, mask = demo_batch["input_ids"], demo_batch["attention_mask"]
     rows = [row[row_mask.bool()].tolist() for row, row_mask in zip(ids, mask)]

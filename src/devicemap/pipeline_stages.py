@@ -184,6 +184,10 @@ def _step_bytes(unit: Unit, index: int, workload: Workload) -> int:
     """What one decode step reads in a unit: its weights and, on average, half its KV cache.
 
     The first block of a decoder-only model embeds token ids: a lookup of one row per token.
+    Bytes alone rank the stages, the last one's extra work included: measured on the demo
+    model (one CPU thread, float32, 4 sequences a step), the output head over the whole
+    vocabulary takes 12 ms for its 113 MB and a decoder layer 1.6 ms for its 14 MB, the
+    same rate, while sampling and logits processing take 0.3 ms, a fifth of a layer.
     """
     weights = 0 if index == 0 else unit.weight_bytes
     return weights + round(unit.kv_bytes_per_token * workload.batch_size * workload.max_tokens / 2)

@@ -141,6 +141,17 @@ def test_a_converting_load_holds_exactly_each_checkpoint_tensor_converted_by_tor
         assert torch.equal(loaded[name], tensor.to(torch.bfloat16)), name
 
 
+def test_a_converting_load_leaves_the_callers_torch_thread_count_as_it_was(wide_llama, tmp_path):
+    # Loading threads run their copies on one torch thread each; that setting is theirs alone.
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    try:
+        load(wide_llama, device_map="cpu", dtype=torch.bfloat16)
+        assert torch.get_num_threads() == max(2, before)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_plan_is_loaded_as_it_is(random_model_folder, tmp_path):
     folder = random_model_folder("llama")
     plan = devicemap.plan(folder, LAYERS_ON_DISK)

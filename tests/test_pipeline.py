@@ -20,6 +20,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from devicemap.api import profile_of
 from devicemap.errors import DoesNotFitError, PipelineError
 from devicemap.pipeline import Pipeline, plan_stages, tokenize
+from devicemap.pipeline_model import build_stage
 from devicemap.pipeline_stages import parse_rank_budgets, split_stages
 from devicemap.profile import Block, Profile
 from devicemap.shards import write_sharded
@@ -38,10 +39,11 @@ RANDOM_PROMPTS = [[5, 17, 300, 42, 9], [7], [100, 200, 300], [11, 12, 13, 14, 15
 
 
 def _save_qwen2(folder: Path) -> Path:
-    """A small random-weight Qwen2 model (sliding-window layer types, biases on q/k/v) saved in shards."""
+    """A small random-weight Qwen2 model (layers 3-5 attend through a 4-token sliding window, biases on q/k/v)."""
     config = Qwen2Config(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=2, pad_token_id=0,
+        use_sliding_window=True, sliding_window=4, max_window_layers=3,
     )  # fmt: skip
     config.architectures = ["Qwen2ForCausalLM"]
     torch.manual_seed(0)
@@ -233,6 +235,18 @@ def test_random_models_of_other_architectures_in_stages_equal_transformers_gener
     width = max(len(row) for row in RANDOM_PROMPTS)
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in RANDOM_PROMPTS])
     assert torch.equal(output, _reference(reference, output[:, :width], mask, max_new_tokens=7))
+
+
+def test_a_stages_sliding_window_layers_keep_only_their_window_after_a_long_prompt(qwen2):
+    blocks = ("model.embed_tokens", "model.rotary_emb", *(f"model.layers.{i}" for i in range(3, 6)))
+    stage = build_stage(qwen2, blocks, torch.device("cpu"))
+    cache = stage.new_cache()
+    prompt = torch.arange(1, 21).reshape(1, 20)
+    stage.forward(prompt, torch.ones_like(prompt), torch.arange(20).reshape(1, 20), cache)
+    for index in (3, 4, 5):
+        keys = cache.layers[index].keys
+        assert keys.shape[-2] == 3
+        assert keys.untyped_storage().nbytes() == keys.nbytes, "the whole prompt is not kept alive"
 
 
 def test_a_rank_offloading_to_disk_generates_what_transformers_generates(demo_model, demo_reference, demo_batch, tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DummyLayer
+from transformers.cache_utils import DummyLayer, DynamicSlidingWindowLayer
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .dispatch import attach
@@ -36,6 +36,7 @@ from .pipeline_tensors import read_stage_state
 from .plan import Placement, Plan
 from .profile import Block, Profile
 from .skeleton import build_on_meta, config_dtype, load_config
+from .sliding import trim_windows_after
 from .workload import Workload, dtype_name
 
 # Decoder-only architectures whose base model is exactly embed_tokens → layers → norm and
@@ -80,6 +81,15 @@ class StageModel:
         forward_parameters = inspect.signature(self.decoder.forward).parameters
         # transformers 5 renamed past_key_values to cache
         self._cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
+        self._hold_windows()
+
+    def _hold_windows(self) -> None:
+        """Hook the stage's sliding-window layers so that each keeps only its window once it has run."""
+        layers = DynamicCache(config=self.model.config).layers
+        for index in self.layout.layers:
+            if isinstance(layers[index], DynamicSlidingWindowLayer):
+                hook = trim_windows_after((index,))
+                self.decoder.layers[index].register_forward_hook(hook, with_kwargs=True)
 
     def new_cache(self) -> DynamicCache | None:
         """An empty KV cache for one micro-batch, with slots only for this stage's layers."""

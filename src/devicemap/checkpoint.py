@@ -58,7 +58,7 @@ class Checkpoint:
         The mapping lives as long as any tensor returned from it. Writes to the tensor
         stay private to this process (copy on write); the file is never modified.
 
-        >>> checkpoint.tensor("model.norm.weight").shape
+        >>> checkpoint.tensor("model.norm.weight").shape  # doctest: +SKIP
         torch.Size([576])
         """
         return self._reader.tensor(self._info(name))
@@ -72,7 +72,7 @@ class Checkpoint:
         new tensor. A conversion for an accelerator happens there, after the copy,
         because the accelerator converts faster than the host.
 
-        >>> checkpoint.tensor_to("lm_head.weight", "cuda:0", torch.bfloat16).dtype
+        >>> checkpoint.tensor_to("lm_head.weight", "cuda:0", torch.bfloat16).dtype  # doctest: +SKIP
         torch.bfloat16
         """
         tensor = self.tensor(name)
@@ -89,7 +89,7 @@ class Checkpoint:
         slower than the read and the conversion together.
 
         >>> out = torch.empty(576, dtype=torch.bfloat16)
-        >>> checkpoint.read_into("model.norm.weight", out)
+        >>> checkpoint.read_into("model.norm.weight", out)  # doctest: +SKIP
         """
         info = self._info(name)
         flat = out.view(-1)
@@ -115,7 +115,7 @@ def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False) -> Checkp
     are refused unless ``allow_pickle=True``, and then read with
     ``torch.load(weights_only=True, mmap=True)``.
 
-    >>> open_checkpoint("SmolLM2-135M-Instruct").tensors["model.norm.weight"].shape
+    >>> open_checkpoint("SmolLM2-135M-Instruct").tensors["model.norm.weight"].shape  # doctest: +SKIP
     (576,)
     """
     folder = _require_folder(Path(folder))

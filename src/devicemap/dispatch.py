@@ -92,8 +92,9 @@ def dispatch(
     ``disk_resident_bytes`` caps the mapped bytes of disk blocks (``None``: no cap, the
     kernel reclaims their clean pages under pressure). Returns ``module``, hooked.
 
-    >>> model = dispatch(model, {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
-    ...                          "model.rotary_emb": "cpu", "lm_head": "cpu"}, offload_folder="offload")
+    >>> layers_on_disk = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
+    ...                   "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    >>> model = dispatch(model, layers_on_disk, offload_folder="offload")  # doctest: +SKIP
     >>> model.generate(**inputs)  # doctest: +SKIP
     """
     check_prefetch_depth(prefetch_depth)

@@ -266,12 +266,15 @@ class _SafetensorsReader:
         itemsize = info.dtype.itemsize
         per_read = len(buffer) // itemsize
         position = info.start_byte + start_element * itemsize
-        with info.file.open("rb", buffering=0) as stream:
+        descriptor = os.open(info.file, os.O_RDONLY)
+        try:
             for done in range(0, flat.numel(), per_read):
                 count = min(per_read, flat.numel() - done)
-                _read_exactly(stream, buffer[: count * itemsize], position, info)
+                _read_exactly(descriptor, buffer[: count * itemsize], position, info)
                 flat[done : done + count].copy_(buffer[: count * itemsize].view(info.dtype))
                 position += count * itemsize
+        finally:
+            os.close(descriptor)
 
     def _buffer(self) -> torch.Tensor:
         if not hasattr(self._buffers, "bytes"):
@@ -323,12 +326,12 @@ class _PickleReader:
         flat.copy_(self._tensors[info.name].reshape(-1)[start_element : start_element + flat.numel()])
 
 
-def _read_exactly(stream, into: torch.Tensor, position: int, info: TensorInfo) -> None:
-    """Read ``into.numel()`` bytes of ``stream`` at ``position``; a file that ends first is truncated."""
+def _read_exactly(descriptor: int, into: torch.Tensor, position: int, info: TensorInfo) -> None:
+    """Read ``into.numel()`` bytes of open file ``descriptor`` at ``position``; a file ending first is truncated."""
     view = memoryview(into.numpy())
     done = 0
     while done < len(view):
-        count = os.preadv(stream.fileno(), [view[done:]], position + done)
+        count = os.preadv(descriptor, [view[done:]], position + done)
         if count == 0:
             raise CheckpointError(
                 f"{info.file} ends at byte {position + done}, inside tensor {info.name} (bytes "

@@ -253,9 +253,10 @@ class _Materializer:
     def _pieces(self, source: Source) -> Iterator[torch.Tensor]:
         """Checkpoint tensor ``source`` at its load dtype, in pieces made one at a time in one reused buffer."""
         dtype = self.dtypes[source.target]
-        if not hasattr(self._buffers, dtype_name(dtype)):
-            setattr(self._buffers, dtype_name(dtype), torch.empty(_PIECE_ELEMENTS, dtype=dtype))
-        buffer = getattr(self._buffers, dtype_name(dtype))
+        by_dtype = self._buffers.__dict__.setdefault("by_dtype", {})
+        if dtype not in by_dtype:
+            by_dtype[dtype] = torch.empty(_PIECE_ELEMENTS, dtype=dtype)
+        buffer = by_dtype[dtype]
         total = math.prod(self.sources.found_shapes[source.target])
         for start in range(0, total, _PIECE_ELEMENTS):
             piece = buffer[: min(_PIECE_ELEMENTS, total - start)]

@@ -206,7 +206,7 @@ def environment() -> dict:
 
 def _brief(figures: dict) -> str:
     shown = {"load_s": "load {:.2f} s", "decode_s": "decode {:.2f} s", "prefill_s": "prefill {:.2f} s",
-             "read_s": "read {:.2f} s", "h2d_bytes_per_s": "H2D {:.3g} B/s"}
+             "read_s": "read {:.2f} s", "fill_s": "fill {:.2f} s", "h2d_bytes_per_s": "H2D {:.3g} B/s"}
     return "  ".join(text.format(figures[name]) for name, text in shown.items() if name in figures)
 
 

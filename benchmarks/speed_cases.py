@@ -57,8 +57,9 @@ class Case:
 
     ``system`` is "devicemap", "transformers" (``from_pretrained(device_map=...)``),
     "plain" (the model with no hooks), "hooks" (the plain model through
-    ``devicemap.dispatch``), "raw-read" (every byte of the files) or "h2d" (host to
-    GPU bandwidth). ``measures`` lists what to time after loading: "decode", "prefill".
+    ``devicemap.dispatch``), "raw-read" (every byte of the files), "read-and-fill" (that,
+    then fresh memory the size of the checkpoint at ``dtype``) or "h2d" (host to GPU
+    bandwidth). ``measures`` lists what to time after loading: "decode", "prefill".
     """
 
     system: str
@@ -156,6 +157,11 @@ def raw_read_case(model: BenchModel) -> Case:
     return Case("raw-read", model.name, str(model.folder), "files", model.dtype)
 
 
+def read_and_fill_case(model: BenchModel, dtype: str) -> Case:
+    """Reading every byte, then filling fresh memory for the converted result: the floor of a converting load."""
+    return Case("read-and-fill", f"{model.name}-as-{short_dtype(dtype)}", str(model.folder), "files", dtype)
+
+
 def cpu_cases(models: SuiteModels, layer_counts: dict[str, int]) -> list[Case]:
     """Every CPU case: offload placements, the 1 GB budget, dtype conversion, dispatch, raw reads."""
     cases: list[Case] = []
@@ -166,6 +172,7 @@ def cpu_cases(models: SuiteModels, layer_counts: dict[str, int]) -> list[Case]:
     conversion_maps = offload_maps(layer_counts[models.demo_fp32.name])
     for placement in (MEMORY, ALL_DISK):
         cases += model_cases(models.demo_fp32, placement, conversion_maps[placement], (), dtype="bfloat16")
+    cases.append(read_and_fill_case(models.demo_fp32, "bfloat16"))
     if models.tinyllama is not None:
         cases.append(raw_read_case(models.tinyllama))
         cases += model_cases(models.tinyllama, MEMORY, "cpu", ("decode", "prefill"))
@@ -249,6 +256,10 @@ def load_rows(cases: list[Case]) -> list[Comparison]:
         transformers = _with(case, system="transformers")
         time_rows.append(Comparison(LOAD_SECTION, _label(case), "load_s", case.key, transformers,
                                     read, "read_s", "raw read", time_targets))
+        if converts:
+            # No target: this row shows how much of the time the result's fresh memory explains.
+            time_rows.append(Comparison(LOAD_SECTION, f"{_label(case)}, vs read + fill", "load_s", case.key,
+                                        transformers, f"read-and-fill/{case.model}/files", "floor_s", "read + fill"))
         memory_rows.append(Comparison(RSS_SECTION, _label(case), "load_peak_rss_bytes", case.key, transformers,
                                       targets=(Target("transformers", 1.0, at_most=True),)))
     return time_rows + memory_rows

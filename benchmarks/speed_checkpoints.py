@@ -24,6 +24,7 @@ INDEX = "model.safetensors.index.json"
 _SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 _READ_CHUNK_BYTES = 64 * 2**20
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOATING = {"F64", "F32", "F16", "BF16"}
 # TinyLlama-1.1B's shape; random weights stand in for the real ones, which no hub serves here.
 TINYLLAMA_SHAPE = {
     "hidden_size": 2048,
@@ -93,7 +94,7 @@ def stored_dtypes(folder: Path) -> set[str]:
     for path in weight_files(folder):
         with safe_open(path, framework="pt") as stream:
             found |= {stream.get_slice(name).get_dtype() for name in stream.keys()}
-    return found & {"F64", "F32", "F16", "BF16"}
+    return found & _FLOATING
 
 
 def tinyllama_model(cache: Path) -> BenchModel:
@@ -256,6 +257,24 @@ def layer_bytes(model: BenchModel, first_layer: int) -> int:
                 if _layer_number(name) >= first_layer:
                     tensor = stream.get_slice(name)
                     total_bytes += _elements(tuple(tensor.get_shape())) * _DTYPE_BYTES[tensor.get_dtype()]
+    return total_bytes
+
+
+def converted_bytes(folder: Path, dtype: str) -> int:
+    """Bytes of the folder's tensors once their floating ones are at ``dtype``, from the file headers.
+
+    >>> converted_bytes(Path("SmolLM2-135M-Instruct"), "bfloat16")  # doctest: +SKIP
+    269045184
+    """
+    floating_bytes = getattr(torch, dtype).itemsize
+    total_bytes = 0
+    for path in weight_files(folder):
+        with safe_open(path, framework="pt") as stream:
+            for name in stream.keys():
+                tensor = stream.get_slice(name)
+                stored = tensor.get_dtype()
+                size = floating_bytes if stored in _FLOATING else _DTYPE_BYTES[stored]
+                total_bytes += _elements(tuple(tensor.get_shape())) * size
     return total_bytes
 
 

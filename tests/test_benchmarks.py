@@ -27,7 +27,13 @@ from benchmarks.speed_cases import (
     gpu_cases,
     layer_map,
 )
-from benchmarks.speed_checkpoints import BenchModel, read_every_byte, split_evenly, write_random_llama
+from benchmarks.speed_checkpoints import (
+    BenchModel,
+    converted_bytes,
+    read_every_byte,
+    split_evenly,
+    write_random_llama,
+)
 from benchmarks.speed_report import CaseResult, evaluate, failures, report, rows_for, summarise, table, write_json
 
 DEMO_FP32 = BenchModel("demo-fp32", Path("/models/demo-fp32"), "float32")
@@ -75,8 +81,10 @@ def test_every_devicemap_case_has_a_transformers_case_with_the_same_device_map_a
 
 def test_the_dtype_converting_load_reads_the_fp32_checkpoint_as_bf16():
     converting = [case for case in suite_cases() if case.model == "demo-fp32-as-bf16"]
-    assert {case.placement for case in converting} == {MEMORY, ALL_DISK}
+    loads = [case for case in converting if case.system in ("devicemap", "transformers")]
+    assert {case.placement for case in loads} == {MEMORY, ALL_DISK}
     assert {(case.folder, case.dtype) for case in converting} == {(str(DEMO_FP32.folder), "bfloat16")}
+    assert [case.system for case in converting if case not in loads] == ["read-and-fill"]
 
 
 def test_every_row_names_cases_the_suite_runs():
@@ -140,6 +148,15 @@ def test_a_converting_load_must_beat_transformers_and_stay_within_one_and_a_half
     assert evaluate(comparison, results_of(cases, fast)).verdict == "pass"
     slow_against_the_disk = {**fast, "devicemap/demo-fp32-as-bf16/memory": [run(load_s=1.6)]}
     assert evaluate(comparison, results_of(cases, slow_against_the_disk)).verdict == "fail"
+
+
+def test_a_converting_load_is_also_shown_against_reading_plus_filling_fresh_memory_without_a_target():
+    cases = suite_cases()
+    results = results_of(cases, {"devicemap/demo-fp32-as-bf16/memory": [run(load_s=0.3)],
+                                 "read-and-fill/demo-fp32-as-bf16/files": [run(read_s=0.1, fill_s=0.1, floor_s=0.2)]})
+    row = row_named(rows_for(comparisons(cases), results), LOAD_SECTION, "demo fp32 as bf16, in memory, vs read + fill")
+    assert (row.reference_label, row.reference.best, row.vs_reference) == ("read + fill", 0.2, pytest.approx(1.5))
+    assert (row.targets, row.verdict) == ((), "")
 
 
 def test_a_row_missing_a_figure_is_not_judged_and_says_which_case_failed():
@@ -262,3 +279,20 @@ def test_worker_times_both_systems_on_one_map_and_they_generate_the_same_tokens(
         assert measured["new_tokens"] == 4 and len(measured["tokens"]) == 4
         assert len(measured["decode_steps_s"]) == 3 and len(measured["prefill_tries_s"]) == 2
     assert figures["devicemap"]["tokens"] == figures["transformers"]["tokens"]
+
+
+def test_worker_loads_with_devicemap_alone_and_reads_and_fills_the_floor_of_a_converting_load(tmp_path):
+    from benchmarks.speed_worker import measure
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": False}
+    write_random_llama(tmp_path, shape, shard_count=2)
+    settings = {"new_tokens": 2, "decode_prompt_tokens": 3, "prefill_tokens": 5, "prefill_tries": 1}
+    loaded = measure(asdict(Case("devicemap", "tiny-as-fp32", str(tmp_path), MEMORY, "float32", "cpu", ("decode",))),
+                     settings)
+    assert loaded["load_s"] > 0 and len(loaded["tokens"]) == 2
+    floor = measure(asdict(Case("read-and-fill", "tiny-as-fp32", str(tmp_path), "files", "float32")), settings)
+    stored_bytes = sum(path.stat().st_size for path in tmp_path.glob("*.safetensors"))
+    assert floor["fill_bytes"] == converted_bytes(tmp_path, "float32") == 2 * converted_bytes(tmp_path, "bfloat16")
+    assert converted_bytes(tmp_path, "bfloat16") < stored_bytes  # the files also hold their headers
+    assert floor["floor_s"] == pytest.approx(floor["read_s"] + floor["fill_s"])

@@ -24,8 +24,9 @@ def test_the_demo_model_is_a_sharded_float32_folder_without_a_duplicate_head(dem
     assert "lm_head.weight" not in checkpoint.tensors
     assert {info.dtype for info in checkpoint.tensors.values()} == {torch.float32}
     assert "quantization_config" not in config
-    assert (config["model_type"], config["tie_word_embeddings"], config["dtype"]) == (
+    assert (config["model_type"], config["architectures"], config["tie_word_embeddings"], config["dtype"]) == (
         "llama",
+        ["LlamaForCausalLM"],
         True,
         "float32",
     )

@@ -159,6 +159,8 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         folder.mkdir()
         write_sharded(folder, {name: tensor.to(torch.float32) for name, tensor in tensors.items()}, _SHARD_COUNT)
         config.dtype = torch.float32
+        # As a model's own save names it, so that tools which read the folder know the class.
+        config.architectures = [type(skeleton).__name__]
         config.save_pretrained(folder)
         skeleton.generation_config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -171,7 +171,8 @@ def cell(score: Score) -> str:
 
 
 def table(rows: list[Row]) -> Table:
-    grid = Table(title="KV batch×tokens that fit ÷ best contiguous split   (+N off: blocks spilled to cpu/disk)")
+    grid = Table(title="KV batch×tokens that fit ÷ best contiguous split   (+N off: blocks spilled to cpu/disk; "
+                       "—: no split computing them on the last GPU fits, so no ratio)")
     for column in ("model", "GPUs GiB", "batch×tokens", "GPUs hold all"):
         grid.add_column(column)
     for strategy in STRATEGIES:

@@ -99,6 +99,22 @@ def test_the_ledger_is_derived_from_the_placements_and_adds_up():
         assert row.free_bytes == row.budget_bytes - row.used_bytes
 
 
+def test_disk_blocks_computed_on_two_gpus_stage_through_cpu_buffers_of_each():
+    blocks = tuple(Block(f"layers.{i}", 100) for i in range(4))
+    profile = Profile("toy", "float32", blocks)
+    budgets = {"cuda:0": 10_000, "cuda:1": 10_000, "cpu": 10_000, "disk": 10_000}
+    on_one = ("cuda:0",) * 4
+    on_two = ("cuda:0", "cuda:0", "cuda:1", "cuda:1")
+    staged = {}
+    for name, executing in (("one", on_one), ("two", on_two)):
+        placements = tuple(Placement(f"layers.{i}", "disk", device) for i, device in enumerate(executing))
+        plan = Plan(profile, Workload(1, 16).resolve(1024, "float32"), tuple(budgets.items()), "manual", placements)
+        staged[name] = {row.device: row.stream_bytes for row in plan.ledger}
+    # Room for one block computing and one arriving, per GPU, and again in pinned CPU memory for each GPU.
+    assert staged["one"] == {"cuda:0": 200, "cuda:1": 0, "cpu": 200, "disk": 0}
+    assert staged["two"] == {"cuda:0": 200, "cuda:1": 200, "cpu": 400, "disk": 0}
+
+
 @pytest.mark.parametrize("name", ["t5-small", "gpt2", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_a_plan_survives_a_json_round_trip(name, strategy):

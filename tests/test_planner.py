@@ -30,6 +30,12 @@ def unit_devices(plan) -> list[str]:
     return [where[unit.name] for unit in price_units(plan.profile, plan.workload)]
 
 
+def spreads(plan) -> bool:
+    """Whether some offloaded block executes elsewhere than on the last compute device."""
+    last = compute_devices(dict(plan.budgets))[-1]
+    return any(p.execution_device != last for p in plan.offloaded())
+
+
 def resident_groups(plan) -> list[int]:
     """How many units each compute device holds, in device order."""
     devices = unit_devices(plan)
@@ -73,9 +79,11 @@ def test_units_price_weights_kv_state_activations_and_logits_for_the_workload():
 def test_balanced_and_auto_fit_as_many_kv_tokens_as_the_best_contiguous_split(case, strategy):
     best = solve(case.units, case.budgets, case.tokens)
     plan = plan_or_none(case, strategy)
-    assert (plan is None) == (best is None)
     if best is None:
+        # Beyond every split whose offloaded blocks execute on the last device: spreading them.
+        assert plan is None or spreads(plan)
         return
+    assert not spreads(plan)
     assert sum(resident_groups(plan)) == best.resident
     if math.isinf(best.best_capacity):
         assert math.isinf(plan.kv_token_capacity)
@@ -91,9 +99,15 @@ def plan_max_share(plan) -> float:
 
 @SETTINGS
 @given(cases(), st.sampled_from(STRATEGIES))
-def test_every_strategy_fails_exactly_when_no_contiguous_split_fits(case, strategy):
+def test_every_strategy_finds_a_contiguous_split_whenever_one_fits_and_spreads_offload_only_when_none_does(
+    case, strategy
+):
     best = solve(case.units, case.budgets, case.tokens)
-    assert (plan_or_none(case, strategy) is None) == (best is None)
+    plan = plan_or_none(case, strategy)
+    if best is not None:
+        assert plan is not None and not spreads(plan)
+    else:
+        assert plan is None or spreads(plan)
 
 
 @SETTINGS
@@ -154,19 +168,21 @@ def test_sequential_fills_each_device_until_the_next_block_would_not_fit(case):
     if plan is None:
         return
     units, counts = case.units, resident_groups(plan)
+    executing = {p.block: p.execution_device for p in plan.offloaded()}
     start = 0
     for device, count in zip(compute_devices(case.budgets)[:-1], counts[:-1]):
         grown = tuple(units[start : start + count + 1])
         start += count
+        streamed = tuple(unit for unit in units if executing.get(unit.name) == device)
         if start < sum(counts):
-            assert price_split((grown,), (), (device,), case.budgets, case.tokens) is None
+            assert price_split((grown,), streamed, (device,), case.budgets, case.tokens) is None
 
 
 @SETTINGS
 @given(cases(gpus=st.integers(1, 3), cpu=st.just(True), disk=st.booleans()))
 def test_offloaded_blocks_execute_on_the_last_accelerator_which_keeps_room_to_stream_them(case):
     plan = plan_or_none(case, "auto")
-    if plan is None or not plan.offloaded():
+    if plan is None or not plan.offloaded() or solve(case.units, case.budgets, case.tokens) is None:
         return
     executors = {p.execution_device for p in plan.offloaded()}
     last = compute_devices(case.budgets)[-1]
@@ -198,6 +214,33 @@ def test_offloaded_kv_cache_counts_when_the_resident_blocks_cache_nothing():
     assert plan.device_map == {"embed": 0, "layers": "cpu"}
     assert plan.kv_token_capacity == pytest.approx(50 / 3)
     assert "nothing is cached per token" not in str(plan)
+
+
+def test_offloaded_blocks_spread_over_the_gpus_when_no_one_gpu_can_hold_the_kv_cache_of_them_all():
+    # 12 layers of 1000 B, each caching 512 B for 16 tokens. Executing offloaded layers on the last
+    # GPU alone needs 2000 B to stream them plus 512 B each: more than 4200 B, whatever stays resident.
+    profile = layers(12, weight_bytes=1000)
+    budgets = {"cuda:0": 4200, "cuda:1": 4200, "cuda:2": 4200, "cpu": 20_000}
+    workload = Workload(1, 16)
+    assert solve(price_units(profile, workload.resolve(1024, "float32")), budgets, 16) is None
+    plan = make_plan(profile, budgets, workload)
+    executing = [p.execution_device for p in plan.placements]
+    assert {p.device for p in plan.placements} == {"cpu"}
+    assert executing == ["cuda:0"] * 4 + ["cuda:1"] * 4 + ["cuda:2"] * 4
+    for row in plan.ledger:
+        assert row.used_bytes <= row.budget_bytes
+        if row.device.startswith("cuda"):
+            assert (row.stream_bytes, row.kv_bytes) == (2000, 4 * 512)
+    assert "execute on cuda:0 (4), cuda:1 (4), cuda:2 (4), spread so that no one device" in str(plan)
+
+
+def test_the_spread_follows_the_budgets_and_keeps_the_order_of_the_layers():
+    profile = layers(12, weight_bytes=1000)
+    budgets = {"cuda:0": 4200, "cuda:1": 7000, "cpu": 20_000}
+    plan = make_plan(profile, budgets, Workload(1, 16))
+    # cuda:1 has 5/8 of the budget: it computes 8 of the 12, the later ones.
+    assert [p.execution_device for p in plan.offloaded()] == ["cuda:0"] * 4 + ["cuda:1"] * 8
+    assert all(row.used_bytes <= row.budget_bytes for row in plan.ledger)
 
 
 def test_one_device_takes_everything_when_it_fits():
@@ -236,7 +279,10 @@ def test_an_infeasible_model_is_an_error_with_what_it_needs_and_what_there_is():
 
 def test_an_infeasible_model_with_room_on_cpu_says_the_kv_cache_must_stay_on_the_gpus():
     budgets = {"cuda:0": 1000, "cuda:1": 1000, "cpu": 10**6, "disk": 10**9}
-    message = r"budgets add to 954\.6 MiB .*, but the KV cache and activations stay on cuda:0, cuda:1, and cuda:1"
+    message = (
+        r"budgets add to 954\.6 MiB .*, but the KV cache and activations stay on cuda:0, cuda:1, and the devices "
+        r"computing the blocks on cpu or disk also keep theirs"
+    )
     with pytest.raises(DoesNotFitError, match=message):
         make_plan(layers(4, kv_values=16), budgets, Workload(1, 16))
 

@@ -9,7 +9,7 @@ import math
 import pytest
 from full_size import FULL_SIZE, full_profile
 
-from brute_force import best_split_by_dp, compute_devices, price_split, share_score
+from brute_force import best_split_by_dp, compute_devices, offload_tiers, price_split, share_score, tiers_can_store
 from devicemap.devices import device_order, is_accelerator
 from devicemap.errors import DoesNotFitError
 from devicemap.ledger import price_units
@@ -77,13 +77,16 @@ def test_every_strategy_keeps_its_promises_on_real_architectures(name, machine, 
             continue
         assert_within_budgets(plan)
         assert_contiguous_with_ties_together(plan)
-        assert_offload_streams_to_the_last_compute_device(plan)
+        assert_offload_streams_to_where_it_executes(plan)
         if fits_on_compute:
             assert plan.offloaded() == (), strategy
+        if spreads(plan):
+            assert not any_split_offloads_to_the_last_device(units, compute, budgets, tokens), strategy
     if isinstance(auto, DoesNotFitError):
         return
     for strategy in ("auto", "balanced"):
-        assert_best_kv_capacity(plans[strategy], units, compute, budgets, tokens)
+        if not spreads(plans[strategy]):
+            assert_best_kv_capacity(plans[strategy], units, compute, budgets, tokens)
     if fits_on_compute and len(compute) > 1:
         assert_gpu_0_minimal(plans["balanced_low_0"], units, compute, budgets, tokens)
     assert_sequential_fills_in_order(plans["sequential"], units, compute, budgets, tokens)
@@ -102,14 +105,33 @@ def assert_contiguous_with_ties_together(plan):
         assert len({where[name] for name in group}) == 1, group
 
 
-def assert_offload_streams_to_the_last_compute_device(plan):
-    offloaded = {p.block for p in plan.offloaded()}
+def spreads(plan) -> bool:
+    """Whether some offloaded block executes elsewhere than on the last compute device."""
+    last = compute_devices(dict(plan.budgets))[-1]
+    return any(p.execution_device != last for p in plan.offloaded())
+
+
+def any_split_offloads_to_the_last_device(units, compute, budgets, tokens) -> bool:
+    """Whether some contiguous split fits with the offloaded suffix stored on the tiers and executing on the last device."""
+    tiers = offload_tiers(budgets, offload=True)
+    return any(
+        (resident == len(units) or tiers_can_store(tuple(units[resident:]), tiers, budgets))
+        and best_split_by_dp(units[:resident], compute, budgets, tokens, tuple(units[resident:])) > -math.inf
+        for resident in range(len(units) + 1)
+    )
+
+
+def assert_offload_streams_to_where_it_executes(plan):
+    """Offloaded blocks execute on the last compute device, or spread, and each executor has room to stream its own."""
+    offloaded = plan.offloaded()
     if not offloaded:
         return
-    last = compute_devices(dict(plan.budgets))[-1]
-    assert {p.execution_device for p in plan.offloaded()} == {last}
-    largest = max(block.weight_bytes for block in plan.profile.blocks if block.name in offloaded)
-    assert next(row for row in plan.ledger if row.device == last).stream_bytes >= 2 * largest
+    if not spreads(plan):
+        assert {p.execution_device for p in offloaded} == {compute_devices(dict(plan.budgets))[-1]}
+    weights = {block.name: block.weight_bytes for block in plan.profile.blocks}
+    for device in {p.execution_device for p in offloaded}:
+        largest = max(weights[p.block] for p in offloaded if p.execution_device == device)
+        assert next(row for row in plan.ledger if row.device == device).stream_bytes >= 2 * largest
 
 
 def assert_best_kv_capacity(plan, units, compute, budgets, tokens):
@@ -133,11 +155,14 @@ def assert_gpu_0_minimal(plan, units, compute, budgets, tokens):
 
 def assert_sequential_fills_in_order(plan, units, compute, budgets, tokens):
     counts, start = resident_counts(plan), 0
+    executing = {p.block: p.execution_device for p in plan.offloaded()}
     for device, count in zip(compute[:-1], counts[:-1]):
         grown = tuple(units[start : start + count + 1])
         start += count
+        # A device also computes the offloaded blocks spread to it, if any.
+        streamed = tuple(unit for unit in units if executing.get(unit.name) == device)
         if start < sum(counts):
-            assert price_split((grown,), (), (device,), budgets, tokens) is None
+            assert price_split((grown,), streamed, (device,), budgets, tokens) is None
 
 
 def test_a_model_that_fits_on_the_gpus_alone_is_not_offloaded_even_with_cpu_and_disk():

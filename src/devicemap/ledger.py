@@ -92,7 +92,9 @@ class DeviceLoad:
         self.kv_bytes_per_token = 0.0
         self.fixed_kv_bytes = 0
         self.activation_bytes = 0
-        self.stream_bytes = 0
+        # Room to bring offloaded weights in, per device they are brought in for: each keeps its own.
+        # Replaced, never changed in place, so that a shallow copy of a load is independent.
+        self._streams: dict[str, int] = {}
 
     def store(self, unit: Unit) -> None:
         """Keep the unit's weights here."""
@@ -106,9 +108,19 @@ class DeviceLoad:
         self.fixed_kv_bytes += unit.fixed_kv_bytes
         self.activation_bytes = max(self.activation_bytes, unit.activation_bytes + unit.logits_bytes)
 
-    def stream(self, unit: Unit) -> None:
-        """Make room to bring the unit's weights here from elsewhere, one computing and one arriving."""
-        self.stream_bytes = max(self.stream_bytes, unit.weight_bytes * STREAM_COPIES)
+    def stream(self, unit: Unit, for_device: str = "") -> None:
+        """Make room to bring the unit's weights here from elsewhere, one computing and one arriving.
+
+        ``for_device`` names the device that computes with them, when they only pass through
+        here on their way (pinned host staging for a GPU): each such device stages through
+        buffers of its own, so their rooms add up.
+        """
+        room = max(self._streams.get(for_device, 0), unit.weight_bytes * STREAM_COPIES)
+        self._streams = {**self._streams, for_device: room}
+
+    @property
+    def stream_bytes(self) -> int:
+        return sum(self._streams.values())
 
     def would_fit(self, unit: Unit, tokens: float, share: float = 1.0) -> bool:
         """Whether storing and executing one more unit here stays within the budget."""
@@ -156,4 +168,4 @@ def assign(loads: dict[str, DeviceLoad], unit: Unit, device: str, execution_devi
     if device != execution_device:
         loads[execution_device].stream(unit)
     if device == "disk" and execution_device != "cpu" and "cpu" in loads:
-        loads["cpu"].stream(unit)
+        loads["cpu"].stream(unit, for_device=execution_device)

@@ -10,6 +10,7 @@ whenever one exists, so a binary search over the KV tokens finds the best split 
 
 import copy
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 
 from .devices import device_order, is_accelerator, normalize_device
@@ -86,20 +87,20 @@ def _plan_strategy(profile, budgets, workload, strategy, offload):
     if split is None:
         raise _does_not_fit(profile, units, budgets, workload, compute, tiers, offload)
     resident, offloaded, reasons = split
-    loads = _factory(budgets, tokens, offloaded, compute[-1])
+    loads = _factory(budgets, tokens, offloaded)
     if strategy == "sequential":
         groups = _pack(resident, compute, loads, tokens)
         reasons.insert(0, f"sequential: filled {', '.join(compute)} in order, each keeping its reserves")
     else:
         groups, capacity = _balance(resident, compute, loads, tokens)
         reasons.insert(0, _balanced_reason(strategy, compute, capacity, workload))
-    return _placements(groups, compute, offloaded, compute[-1]), reasons
+    return _placements(groups, compute, offloaded), reasons
 
 
 def _plan_low_0(units, accelerators, budgets, tokens):
     """GPU 0 takes the shortest leading run that lets the other accelerators hold the rest."""
     first, rest = accelerators[0], accelerators[1:]
-    loads = _factory(budgets, tokens, [], rest[-1])
+    loads = _factory(budgets, tokens, [])
     for cut in range(len(units) + 1):
         head = _pack(units[:cut], [first], loads, tokens)
         if head is None:
@@ -111,25 +112,43 @@ def _plan_low_0(units, accelerators, budgets, tokens):
                 f"{', '.join(rest)} hold the rest with the workload's reserves",
                 _capacity_reason(capacity, tokens),
             ]
-            return _placements(head + groups, accelerators, [], rest[-1]), reasons
+            return _placements(head + groups, accelerators, []), reasons
     return None
 
 
 def _split_offload(units, compute, tiers, budgets, tokens):
     """Keep the longest leading run on the compute devices; the rest goes to CPU, then disk.
 
-    Returns (resident units, [(unit, tier)], reasons), or None if nothing fits. Offloaded
-    units execute on the last compute device, which keeps room for their KV cache and
-    for streaming the largest of them.
+    Returns (resident units, [(unit, tier, execution device)], reasons), or None if nothing
+    fits. Offloaded units execute on the last compute device, which keeps room for their
+    KV cache and for streaming the largest of them. Where no split lets one device hold
+    all of that, they are spread over the compute devices instead, each executing its
+    share (by budget) and keeping room to stream its own.
     """
-    for cut in range(len(units), -1, -1):
-        offloaded = _store_offloaded(units[cut:], tiers, budgets, tokens)
-        if offloaded is None:
-            continue
-        loads = _factory(budgets, tokens, offloaded, compute[-1])
-        if _pack(units[:cut], compute, loads, tokens) is not None:
-            return units[:cut], offloaded, _offload_reasons(units, cut, offloaded, compute)
+    for spread in (False, True) if len(compute) > 1 else (False,):
+        for cut in range(len(units), -1, -1):
+            stored = _store_offloaded(units[cut:], tiers, budgets, tokens)
+            if stored is None:
+                continue
+            offloaded = _spread(stored, compute, budgets) if spread else [(u, t, compute[-1]) for u, t in stored]
+            loads = _factory(budgets, tokens, offloaded)
+            if not all(loads(tier).fits(tokens) for tier in tiers):
+                continue
+            if _pack(units[:cut], compute, loads, tokens) is not None:
+                return units[:cut], offloaded, _offload_reasons(units, cut, offloaded, compute)
     return None
+
+
+def _spread(stored, compute, budgets):
+    """Give each compute device a run of the offloaded units, in order, in proportion to its budget."""
+    total = sum(budgets[device] for device in compute)
+    offloaded, start, budget_so_far = [], 0, 0
+    for device in compute:
+        budget_so_far += budgets[device]
+        end = len(stored) if device == compute[-1] else round(len(stored) * budget_so_far / total)
+        offloaded += [(unit, tier, device) for unit, tier in stored[start:end]]
+        start = end
+    return offloaded
 
 
 def _store_offloaded(units, tiers, budgets, tokens):
@@ -166,10 +185,10 @@ def _tier_prefix(units, tier, budgets, tokens) -> int:
     return 0
 
 
-def _factory(budgets, tokens, offloaded, execution_device) -> LoadFactory:
-    """Fresh loads per device, the execution device already charged for the offloaded units."""
+def _factory(budgets, tokens, offloaded) -> LoadFactory:
+    """Fresh loads per device, already charged for the offloaded units where they are kept and execute."""
     loads = {name: DeviceLoad(budget, tokens) for name, budget in budgets.items()}
-    for unit, tier in offloaded:
+    for unit, tier, execution_device in offloaded:
         assign(loads, unit, tier, execution_device)
     return lambda device: copy.copy(loads[device])
 
@@ -234,14 +253,18 @@ def _capacity(units, devices, make_load, tokens) -> float:
     return min(capacities)
 
 
-def _placements(groups: Groups, devices, offloaded, execution_device) -> list[Placement]:
+def _placements(groups: Groups, devices, offloaded) -> list[Placement]:
     placements = [
         Placement(block.name, device, device)
         for device, group in zip(devices, groups)
         for unit in group
         for block in unit.blocks
     ]
-    placements += [Placement(block.name, tier, execution_device) for unit, tier in offloaded for block in unit.blocks]
+    placements += [
+        Placement(block.name, tier, execution_device)
+        for unit, tier, execution_device in offloaded
+        for block in unit.blocks
+    ]
     return placements
 
 
@@ -302,10 +325,14 @@ def _does_not_fit(profile, units, budgets, workload, compute, tiers, offload) ->
     )
     smaller = "or use a smaller workload (batch_size or max_tokens) or dtype"
     if tiers:
+        keeps = (
+            f"{compute[-1]} also keeps those of every block on {' or '.join(tiers)} with room to stream it"
+            if len(compute) == 1
+            else f"the devices computing the blocks on {' or '.join(tiers)} also keep theirs, with room to stream them"
+        )
         return DoesNotFitError(
-            f"{needs}, but the KV cache and activations stay on {', '.join(compute)}, and {compute[-1]} also "
-            f"keeps those of every block on {' or '.join(tiers)} with room to stream it, so no contiguous "
-            f"split fits; add memory on {', '.join(compute)}, {smaller}"
+            f"{needs}, but the KV cache and activations stay on {', '.join(compute)}, and {keeps}, so no "
+            f"contiguous split fits; add memory on {', '.join(compute)}, {smaller}"
         )
     shortfall = total.used_bytes() - sum(budgets[device] for device in compute)
     more = f"at least {format_size(shortfall)} more" if shortfall > 0 else "more"
@@ -336,13 +363,20 @@ def _refuse_offload(plan: Plan) -> None:
 def _offload_reasons(units, cut, offloaded, compute) -> list[str]:
     if not offloaded:
         return []
-    tiers = sorted({tier for _, tier in offloaded}, key=device_order)
-    offloaded_bytes = sum(unit.weight_bytes for unit, _ in offloaded)
+    tiers = sorted({tier for _, tier, _ in offloaded}, key=device_order)
+    offloaded_bytes = sum(unit.weight_bytes for unit, _, _ in offloaded)
+    executing = Counter(device for _, _, device in offloaded)
+    if len(executing) == 1:
+        where = next(iter(executing))
+    else:
+        # Spread only when no device could hold the KV cache of every offloaded block.
+        shares = ", ".join(f"{device} ({count})" for device, count in executing.items())
+        where = f"{shares}, spread so that no one device holds the KV cache of them all"
     verb = "holds" if len(compute) == 1 else "hold"
     return [
         f"{', '.join(compute)} {verb} {cut} of {len(units)} blocks with the workload's reserves; the last "
         f"{len(offloaded)} ({format_size(offloaded_bytes)}) are kept on {' then '.join(tiers)} and "
-        f"execute on {compute[-1]}"
+        f"execute on {where}"
     ]
 
 

@@ -24,6 +24,7 @@ from devicemap.streaming import aligned_offsets
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
 
@@ -234,6 +235,28 @@ def test_blocks_streamed_to_the_gpu_generate_the_plain_models_tokens(stored, ran
     placed = {**{key: 0 for key in llama_map("cpu")}, **{f"model.layers.{i}": stored for i in range(1, 6)}}
     model = load(folder, device_map=placed, offload_folder=tmp_path)
     assert {p.execution_device for p in model.devicemap_plan.offloaded()} == {"cuda:0"}
+    assert_generates_like_the_plain_model_on_gpu(model, folder)
+
+
+@gpu
+@needs_two_gpus
+@pytest.mark.parametrize("stored", ["cpu", "disk"])
+def test_offloaded_blocks_spread_over_two_gpus_each_stream_their_own(stored, random_model_folder, tmp_path):
+    folder = random_model_folder("llama")
+    on_cpu = devicemap.plan(folder, "cpu")
+    # As the planner spreads them: layers 1-2 computed on cuda:0, layers 3-5 on cuda:1.
+    executing = {f"model.layers.{i}": "cuda:0" if i < 3 else "cuda:1" for i in range(1, 6)}
+    on_first = {"model.embed_tokens", "model.rotary_emb", "model.layers.0"}
+
+    def placed(block: str) -> Placement:
+        if block in executing:
+            return Placement(block, stored, executing[block])
+        device = "cuda:0" if block in on_first else "cuda:1"
+        return Placement(block, device, device)
+
+    placements = tuple(placed(p.block) for p in on_cpu.placements)
+    model = load(folder, device_map=replace(on_cpu, placements=placements), offload_folder=tmp_path)
+    assert {p.execution_device for p in model.devicemap_plan.offloaded()} == {"cuda:0", "cuda:1"}
     assert_generates_like_the_plain_model_on_gpu(model, folder)
 
 

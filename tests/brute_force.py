@@ -59,6 +59,12 @@ def compute_devices(budgets: dict[str, int]) -> tuple[str, ...]:
     return accelerators or ("cpu",)
 
 
+def spreads(plan) -> bool:
+    """Whether some offloaded block executes elsewhere than on the last compute device."""
+    last = compute_devices(dict(plan.budgets))[-1]
+    return any(p.execution_device != last for p in plan.offloaded())
+
+
 def offload_tiers(budgets: dict[str, int], offload: bool) -> tuple[str, ...]:
     compute = compute_devices(budgets)
     return tuple(t for t in ("cpu", "disk") if offload and t in budgets and t not in compute)

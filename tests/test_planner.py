@@ -4,7 +4,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from brute_force import best_split_by_dp, compute_devices, price_split, solve, solve_on_accelerators, stream_room
+from brute_force import (
+    best_split_by_dp,
+    compute_devices,
+    price_split,
+    solve,
+    solve_on_accelerators,
+    spreads,
+    stream_room,
+)
 from devicemap.devices import is_accelerator
 from devicemap.errors import DeviceMapError, DoesNotFitError
 from devicemap.ledger import price_units
@@ -28,12 +36,6 @@ def unit_devices(plan) -> list[str]:
     """The device holding each unit, in execution order."""
     where = {p.block: p.device for p in plan.placements}
     return [where[unit.name] for unit in price_units(plan.profile, plan.workload)]
-
-
-def spreads(plan) -> bool:
-    """Whether some offloaded block executes elsewhere than on the last compute device."""
-    last = compute_devices(dict(plan.budgets))[-1]
-    return any(p.execution_device != last for p in plan.offloaded())
 
 
 def resident_groups(plan) -> list[int]:

@@ -9,7 +9,15 @@ import math
 import pytest
 from full_size import FULL_SIZE, full_profile
 
-from brute_force import best_split_by_dp, compute_devices, offload_tiers, price_split, share_score, tiers_can_store
+from brute_force import (
+    best_split_by_dp,
+    compute_devices,
+    offload_tiers,
+    price_split,
+    share_score,
+    spreads,
+    tiers_can_store,
+)
 from devicemap.devices import device_order, is_accelerator
 from devicemap.errors import DoesNotFitError
 from devicemap.ledger import price_units
@@ -103,12 +111,6 @@ def assert_contiguous_with_ties_together(plan):
     assert ranks == sorted(ranks), plan.strategy
     for group in plan.profile.tied:
         assert len({where[name] for name in group}) == 1, group
-
-
-def spreads(plan) -> bool:
-    """Whether some offloaded block executes elsewhere than on the last compute device."""
-    last = compute_devices(dict(plan.budgets))[-1]
-    return any(p.execution_device != last for p in plan.offloaded())
 
 
 def any_split_offloads_to_the_last_device(units, compute, budgets, tokens) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     BertConfig,
     BertForMaskedLM,
     GPT2Config,
@@ -26,6 +27,7 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 try:
     # transformers 5 fuses some weights in memory (MoE experts) but saves them in the
@@ -72,6 +74,14 @@ _CLASSES = {
     "t5": T5ForConditionalGeneration,
     "bert": BertForMaskedLM,
 }
+# Decoder-only types the pipeline splits, each built from the same small shape by its own config class.
+DECODER_TYPES = (
+    "apertus", "arcee", "exaone4", "glm", "helium", "hunyuan_v1_dense", "ministral", "olmo", "olmo2", "olmo3",
+    "phi3", "seed_oss", "smollm3", "stablelm",
+)  # fmt: skip
+_DECODER = dict(**_LLAMA, head_dim=16, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+for _type in DECODER_TYPES:
+    _CONFIGS[_type] = lambda model_type=_type: AutoConfig.for_model(model_type, **_DECODER)
 KINDS = tuple(_CONFIGS)
 
 
@@ -84,8 +94,12 @@ def random_config(kind: str) -> PretrainedConfig:
     if kind not in _CONFIGS:
         raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(KINDS)}")
     config = _CONFIGS[kind]()
-    config.architectures = [_CLASSES[kind].__name__]
+    config.architectures = [_model_class(kind, config).__name__]
     return config
+
+
+def _model_class(kind: str, config: PretrainedConfig) -> type:
+    return _CLASSES.get(kind) or MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
 
 def build_random_model(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
@@ -96,7 +110,7 @@ def build_random_model(kind: str, dtype: torch.dtype = torch.float32, seed: int 
     """
     config = random_config(kind)
     torch.manual_seed(seed)
-    model = _CLASSES[kind](config)
+    model = _model_class(kind, config)(config)
     config.dtype = dtype
     return model.to(dtype).eval()
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from models import DECODER_TYPES
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
 
@@ -235,6 +237,32 @@ def test_random_models_of_other_architectures_in_stages_equal_transformers_gener
     width = max(len(row) for row in RANDOM_PROMPTS)
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in RANDOM_PROMPTS])
     assert torch.equal(output, _reference(reference, output[:, :width], mask, max_new_tokens=7))
+
+
+@pytest.mark.parametrize("kind", DECODER_TYPES)
+def test_every_other_supported_architecture_in_two_stages_equals_transformers_generate(kind, random_model_folder):
+    folder = random_model_folder(kind, shards=2)
+    reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with Pipeline(folder, stages=2, device="cpu", threads_per_stage=1, timeout_s=60) as pipe:
+        output = pipe.generate(RANDOM_PROMPTS, max_new_tokens=7)
+    width = max(len(row) for row in RANDOM_PROMPTS)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in RANDOM_PROMPTS])
+    assert torch.equal(output, _reference(reference, output[:, :width], mask, max_new_tokens=7))
+
+
+def test_a_model_the_pipeline_cannot_split_is_refused_before_any_process_starts(random_model_folder):
+    children = set(psutil.Process().children(recursive=True))
+    with pytest.raises(PipelineError, match=r"model type 'gpt2' is not supported .* olmo2, .* devicemap\.load"):
+        Pipeline(random_model_folder("gpt2"), stages=2, device="cpu")
+    assert set(psutil.Process().children(recursive=True)) == children
+
+
+def test_a_weightless_final_norm_runs_on_the_stage_with_the_head(random_model_folder):
+    # OLMo's final norm has no weights, so it is no block of the plan; it must still run once.
+    blocks = ("model.layers.5", "lm_head")
+    stage = build_stage(random_model_folder("olmo", shards=2), blocks, torch.device("cpu"))
+    assert stage.layout.norm and stage.layout.head
+    assert not isinstance(stage.decoder.norm, nn.Identity)
 
 
 def test_a_stages_sliding_window_layers_keep_only_their_window_after_a_long_prompt(qwen2):

@@ -36,6 +36,7 @@ from transformers import AutoTokenizer
 from .devices import free_memory
 from .errors import DeviceMapError, PipelineError
 from .pipeline_launch import Workers
+from .pipeline_model import check_supported
 from .pipeline_requests import build_request, special_tokens, tokenize
 from .pipeline_schedule import Sampling
 from .pipeline_stages import RankBudgets, StagePlan, parse_rank_budgets, split_stages
@@ -112,6 +113,7 @@ class Pipeline:
             raise DeviceMapError(f"timeout_s {timeout_s} must be more than 0 seconds")
         self.model = Path(model)
         self.config = load_config(self.model)
+        check_supported(self.config)
         self.stage_plan = plan_stages(
             self.model, stages, dtype=dtype, max_memory=max_memory, workload=workload, device=device,
             offload=offload, offload_folder=offload_folder,

@@ -41,8 +41,13 @@ from .workload import Workload, dtype_name
 
 # Decoder-only architectures whose base model is exactly embed_tokens → layers → norm and
 # whose causal LM is exactly lm_head(hidden states): models that scale embeddings inside
-# the forward (Gemma) or post-process logits (softcapping) would be wrong when split.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+# the forward (Gemma, Granite) or post-process logits (softcapping, Cohere's logit scale)
+# would be wrong when split. Each gives transformers' own tokens in tests/test_pipeline.py.
+SUPPORTED_MODEL_TYPES = (
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+    "apertus", "arcee", "exaone4", "glm", "helium", "hunyuan_v1_dense", "ministral", "olmo", "olmo2",
+    "olmo3", "phi3", "seed_oss", "smollm3", "stablelm",
+)  # fmt: skip
 
 
 class _SkippedLayer(nn.Module):
@@ -148,12 +153,7 @@ def build_stage(
     """
     checkpoint = open_checkpoint(folder)
     config = load_config(checkpoint.folder)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise PipelineError(
-            f"model type {config.model_type!r} is not supported by the pipeline, which splits models whose "
-            f"base model is embed_tokens → layers → norm followed by lm_head: {', '.join(SUPPORTED_MODEL_TYPES)}; "
-            "run it with devicemap.load and a device map instead"
-        )
+    check_supported(config)
     offloaded = dict(offloaded or {})
     model = build_on_meta(config, dtype or config_dtype(config)).eval()
     layout = _layout_of(model, blocks)
@@ -170,6 +170,22 @@ def build_stage(
     if offloaded:
         attach(model, _local_plan(model, layout, device, offloaded))
     return StageModel(model, layout, device)
+
+
+def check_supported(config) -> None:
+    """Refuse a model type the pipeline cannot split, naming those it can.
+
+    >>> from transformers import GPT2Config
+    >>> check_supported(GPT2Config())
+    Traceback (most recent call last):
+    devicemap.errors.PipelineError: model type 'gpt2' is not supported by the pipeline, ...
+    """
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise PipelineError(
+            f"model type {config.model_type!r} is not supported by the pipeline, which splits models whose "
+            f"base model is embed_tokens → layers → norm followed by lm_head: {', '.join(SUPPORTED_MODEL_TYPES)}; "
+            "run it with devicemap.load and a device map instead"
+        )
 
 
 def _layout_of(model: PreTrainedModel, blocks: tuple[str, ...]) -> StageLayout:
@@ -192,13 +208,18 @@ def _layout_of(model: PreTrainedModel, blocks: tuple[str, ...]) -> StageLayout:
     return StageLayout(
         embeds=embed_name in blocks,
         layers=tuple(sorted(layer_index[name] for name in blocks if name in layer_index)),
-        norm=norm_name in blocks,
+        # A norm without weights (OLMo's) is no block: the stage with the head, which follows it, runs it.
+        norm=norm_name in blocks or (head_name in blocks and not _holds_tensors(decoder.norm)),
         head=head_name in blocks,
     )
 
 
 def _holds_weights(module: nn.Module | None) -> bool:
     return module is not None and any(True for _ in module.parameters())
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    return _holds_weights(module) or any(True for _ in module.buffers())
 
 
 def _drop_other_stages(model: PreTrainedModel, layout: StageLayout) -> None:

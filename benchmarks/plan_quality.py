@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import DeepseekV3Config, LlamaConfig, MixtralConfig, PretrainedConfig, Qwen3MoeConfig
+from transformers import PretrainedConfig
 
 from benchmarks.plan_reference import Optimum, best_split, placements_of, transformers_device_map
+from benchmarks.published_configs import PUBLISHED
 from devicemap.errors import DoesNotFitError
 from devicemap.ledger import price_units
 from devicemap.plan import Plan
@@ -41,32 +42,12 @@ TARGET_RATIO = 0.99
 TARGET_SECONDS = 2.0
 
 MODELS = {
-    "Llama-3-8B": lambda: LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-    ),
-    "Llama-3-70B": lambda: LlamaConfig(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-    ),
-    "Mixtral-8x7B": lambda: MixtralConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
-        max_position_embeddings=32768,
-    ),
-    "Qwen3-30B-A3B": lambda: Qwen3MoeConfig(
-        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
-        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-        vocab_size=151936, max_position_embeddings=40960,
-    ),
-}  # fmt: skip
-TIMED_MODELS = {
-    "Llama-3.1-405B": lambda: LlamaConfig(
-        hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-    ),
-    "DeepSeek-V3 (671B)": DeepseekV3Config,  # its defaults are the published model
-}  # fmt: skip
+    "Llama-3-8B": PUBLISHED["llama-3-8b"],
+    "Llama-3-70B": PUBLISHED["llama-3-70b"],
+    "Mixtral-8x7B": PUBLISHED["mixtral-8x7b"],
+    "Qwen3-30B-A3B": PUBLISHED["qwen3-30b-a3b"],
+}
+TIMED_MODELS = {"Llama-3.1-405B": PUBLISHED["llama-3.1-405b"], "DeepSeek-V3 (671B)": PUBLISHED["deepseek-v3"]}
 HOST = {"cpu": 512 * GiB, "disk": 8192 * GiB}
 MACHINES = {
     "2×24": [24, 24],

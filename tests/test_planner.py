@@ -245,6 +245,12 @@ def test_the_spread_follows_the_budgets_and_keeps_the_order_of_the_layers():
     assert all(row.used_bytes <= row.budget_bytes for row in plan.ledger)
 
 
+def test_gpus_with_no_budget_at_all_are_an_error_not_a_crash():
+    budgets = {"cuda:0": 0, "cuda:1": 0, "cpu": 20_000}
+    with pytest.raises(DoesNotFitError, match=r"budgets add to .*cuda:0 0 B, cuda:1 0 B"):
+        make_plan(layers(4), budgets, Workload(1, 16))
+
+
 def test_one_device_takes_everything_when_it_fits():
     profile = layers(4)
     for device_map, device in [("cuda:1", "cuda:1"), (1, "cuda:1"), ("cpu", "cpu")]:

@@ -145,7 +145,8 @@ def _spread(stored, compute, budgets):
     offloaded, start, budget_so_far = [], 0, 0
     for device in compute:
         budget_so_far += budgets[device]
-        end = len(stored) if device == compute[-1] else round(len(stored) * budget_so_far / total)
+        share = budget_so_far / total if total > 0 else 0
+        end = len(stored) if device == compute[-1] else round(len(stored) * share)
         offloaded += [(unit, tier, device) for unit, tier in stored[start:end]]
         start = end
     return offloaded

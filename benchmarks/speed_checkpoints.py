@@ -65,7 +65,7 @@ def demo_source(demo_model: str | None) -> Path:
     """
     if demo_model is not None:
         return Path(demo_model).expanduser().resolve()
-    from devicemap.demo import demo_model_path
+    from devicemap.storage.demo import demo_model_path
 
     return Path(demo_model_path())
 

@@ -145,7 +145,7 @@ def load_with_transformers(case: dict, offload_folder: Path):
 
 def load_with_devicemap(case: dict, offload_folder: Path):
     """``devicemap.load`` with the case's device map."""
-    from devicemap.load import load
+    from devicemap.runtime.load import load
 
     return load(case["folder"], device_map=case["device_map"], dtype=_dtype(case), offload_folder=offload_folder,
                 progress=False)
@@ -160,7 +160,7 @@ def load_plain(case: dict, offload_folder: Path):
 
 def load_with_hooks(case: dict, offload_folder: Path):
     """The plain model, then ``devicemap.dispatch`` over the case's map (one hook per block)."""
-    from devicemap.dispatch import dispatch
+    from devicemap.runtime.dispatch import dispatch
 
     model = load_plain(case, offload_folder)
     return dispatch(model, case["device_map"])
@@ -170,9 +170,9 @@ def load_with_hooks(case: dict, offload_folder: Path):
 # transformers' from_pretrained imports accelerate lazily when given a device map.
 IMPORTS = {
     "transformers": ("transformers", "accelerate"),
-    "devicemap": ("transformers", "devicemap.load"),
+    "devicemap": ("transformers", "devicemap.runtime.load"),
     "plain": ("transformers",),
-    "hooks": ("transformers", "devicemap.dispatch"),
+    "hooks": ("transformers", "devicemap.runtime.dispatch"),
 }
 LOADERS = {
     "transformers": load_with_transformers,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from itertools import combinations_with_replacement
 
 from devicemap.devices import is_accelerator
-from devicemap.ledger import Unit
+from devicemap.planning.ledger import Unit
 
 Groups = tuple[tuple[Unit, ...], ...]
 

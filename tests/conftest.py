@@ -12,7 +12,7 @@ import pytest
 import torch
 from models import save_random_model
 
-from devicemap.demo import CACHE_ENV, cache_dir, demo_model_path
+from devicemap.storage.demo import CACHE_ENV, cache_dir, demo_model_path
 
 RandomModelFolder = Callable[..., Path]
 

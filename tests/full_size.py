@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from benchmarks.published_configs import PUBLISHED
-from devicemap.profile import Block, Profile, profile_config
-from devicemap.skeleton import build_on_meta
+from devicemap.model.profile import Block, Profile, profile_config
+from devicemap.model.skeleton import build_on_meta
 
 BF16 = torch.bfloat16
 

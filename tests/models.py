@@ -39,7 +39,7 @@ except ImportError:  # transformers 4 saves tensors as the modules hold them
         return state_dict
 
 
-from devicemap.shards import write_sharded
+from devicemap.storage.shards import write_sharded
 
 _VOCAB = 512
 _LLAMA = dict(

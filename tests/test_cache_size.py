@@ -17,7 +17,7 @@ from transformers import (
     PretrainedConfig,
 )
 
-from devicemap.profile import Block, profile_module
+from devicemap.model.profile import Block, profile_module
 
 # Per block, from full-size configs
 

@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from devicemap.checkpoint import open_checkpoint
+from devicemap.storage.checkpoint import open_checkpoint
 from devicemap.errors import CheckpointError
-from devicemap.safetensors_file import read_safetensors_header
-from devicemap.shards import write_sharded
+from devicemap.storage.safetensors_file import read_safetensors_header
+from devicemap.storage.shards import write_sharded
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from devicemap.cli import main
-from devicemap.plan import Plan
+from devicemap.planning.plan import Plan
 
 LLAMA_3_70B = {
     "architectures": ["LlamaForCausalLM"],

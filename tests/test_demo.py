@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from devicemap.checkpoint import open_checkpoint
-from devicemap.demo import CACHE_ENV, cache_dir, demo_model_path
+from devicemap.storage.checkpoint import open_checkpoint
+from devicemap.storage.demo import CACHE_ENV, cache_dir, demo_model_path
 from devicemap.errors import DeviceMapError
 
 

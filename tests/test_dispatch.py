@@ -15,12 +15,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import devicemap
-from devicemap.dispatch import _Prefetcher, dispatch, is_dispatched, remove_dispatch
-from devicemap.load import load
-from devicemap.moving import moved
-from devicemap.paging import HostPager, PageRange, page_ranges
-from devicemap.plan import Placement
-from devicemap.streaming import aligned_offsets
+from devicemap.runtime.dispatch import _Prefetcher, dispatch, is_dispatched, remove_dispatch
+from devicemap.runtime.load import load
+from devicemap.runtime.moving import moved
+from devicemap.runtime.paging import HostPager, PageRange, page_ranges
+from devicemap.planning.plan import Placement
+from devicemap.runtime.streaming import aligned_offsets
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 import devicemap
-from devicemap.load import load
-from devicemap.planner import STRATEGIES
+from devicemap.runtime.load import load
+from devicemap.planning.planner import STRATEGIES
 from devicemap.workload import Workload
 
 NEW_TOKENS = 8

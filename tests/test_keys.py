@@ -3,9 +3,9 @@ import torch
 from models import random_config
 from transformers import AutoModelForCausalLM, BertForMaskedLM, GPT2LMHeadModel, T5ForConditionalGeneration
 
-from devicemap.checkpoint import open_checkpoint
+from devicemap.storage.checkpoint import open_checkpoint
 from devicemap.errors import CheckpointError
-from devicemap.keys import ShapeMismatch, check_keys, compare_keys
+from devicemap.storage.keys import ShapeMismatch, check_keys, compare_keys
 
 
 def _meta_model(model_class, kind: str):

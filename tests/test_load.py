@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig
 
 import devicemap
 from devicemap.errors import CheckpointError, DeviceMapError, DeviceNotFoundError
-from devicemap.load import load
-from devicemap.shards import write_sharded
+from devicemap.runtime.load import load
+from devicemap.storage.shards import write_sharded
 
 LAYERS_ON_DISK = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
                   "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
@@ -170,7 +170,7 @@ def test_a_mixture_of_experts_fuses_its_experts_as_transformers_does(random_mode
 PEAK_SCRIPT = textwrap.dedent(
     """
     import gc, json, sys, torch
-    from devicemap.load import load
+    from devicemap.runtime.load import load
 
     def peak_growth(**arguments):
         gc.collect()

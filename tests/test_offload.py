@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from devicemap.errors import DeviceMapError
-from devicemap.offload import OffloadFiles, write_streamed
+from devicemap.storage.offload import OffloadFiles, write_streamed
 
 SPECS = [("small", torch.bfloat16, (3,)), ("large", torch.float32, (4, 5))]
 TENSORS = {"small": torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16), "large": torch.randn(4, 5)}

@@ -15,9 +15,9 @@ from brute_force import (
 )
 from devicemap.devices import is_accelerator
 from devicemap.errors import DeviceMapError, DoesNotFitError
-from devicemap.ledger import price_units
-from devicemap.planner import STRATEGIES, make_plan
-from devicemap.profile import Block, Profile
+from devicemap.planning.ledger import price_units
+from devicemap.planning.planner import STRATEGIES, make_plan
+from devicemap.model.profile import Block, Profile
 from devicemap.workload import Workload
 from synthetic import cases
 

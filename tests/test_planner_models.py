@@ -20,8 +20,8 @@ from brute_force import (
 )
 from devicemap.devices import device_order, is_accelerator
 from devicemap.errors import DoesNotFitError
-from devicemap.ledger import price_units
-from devicemap.planner import STRATEGIES, make_plan
+from devicemap.planning.ledger import price_units
+from devicemap.planning.planner import STRATEGIES, make_plan
 from devicemap.workload import Workload
 
 GiB = 2**30

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from devicemap.errors import CheckpointError
-from devicemap.profile import profile_config, profile_module
+from devicemap.model.profile import profile_config, profile_module
 
 
 # Sizes

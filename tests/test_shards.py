@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from devicemap.checkpoint import open_checkpoint
+from devicemap.storage.checkpoint import open_checkpoint
 from devicemap.errors import CheckpointError
-from devicemap.safetensors_file import read_safetensors_header, write_safetensors
-from devicemap.shards import write_sharded
+from devicemap.storage.safetensors_file import read_safetensors_header, write_safetensors
+from devicemap.storage.shards import write_sharded
 
 
 def _mixed_tensors() -> dict[str, torch.Tensor]:

@@ -1,11 +1,11 @@
 """devicemap: run models too big for one device across every device of a machine."""
 
 from .errors import CheckpointError, DeviceMapError, DeviceNotFoundError, DoesNotFitError, PipelineError
-from .plan import Plan
+from .planning.api import plan
+from .planning.plan import Plan
+from .runtime.dispatch import dispatch, remove_dispatch
+from .runtime.load import load
 from .workload import Workload
-from .api import plan  # noqa: E402  (after .plan: the function, not the module, is devicemap.plan)
-from .dispatch import dispatch, remove_dispatch
-from .load import load
 
 __all__ = [
     "CheckpointError",

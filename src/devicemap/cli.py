@@ -14,7 +14,7 @@ import psutil
 from rich.console import Console
 
 from .errors import DeviceMapError
-from .plan import Plan
+from .planning.plan import Plan
 from .workload import Workload
 
 _STRATEGY_HELP = (
@@ -88,11 +88,11 @@ def _device_map_argument(value: str):
 
 
 def _run_plan(args) -> int:
-    from .api import plan
+    from .planning.api import plan
 
     workload = Workload(args.batch_size, args.max_tokens, args.kv_dtype)
     if args.pipeline:
-        from .pipeline import plan_stages
+        from .pipeline.api import plan_stages
 
         stages = plan_stages(
             args.model,
@@ -121,7 +121,7 @@ def _run_plan(args) -> int:
 def _run_generate(args) -> int:
     model_path, prompts = _split_model_and_prompts(args.words)
     if args.pipeline:
-        from .pipeline import generate_cli
+        from .pipeline.api import generate_cli
 
         return generate_cli(model_path, prompts, args)
     return _generate_here(model_path, prompts, args)
@@ -130,7 +130,7 @@ def _run_generate(args) -> int:
 def _split_model_and_prompts(words: list[str]) -> tuple[Path, list[str]]:
     if len(words) > 1 and Path(words[0]).is_dir():
         return Path(words[0]), words[1:]
-    from .demo import demo_model_path
+    from .storage.demo import demo_model_path
 
     return demo_model_path(), words
 
@@ -138,8 +138,8 @@ def _split_model_and_prompts(words: list[str]) -> tuple[Path, list[str]]:
 def _generate_here(model_path: Path, prompts: list[str], args) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
-    from .load import load
-    from .pipeline_requests import tokenize
+    from .pipeline.requests import tokenize
+    from .runtime.load import load
 
     console = Console(stderr=True, highlight=False)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 _SHOWN_PER_LIST = 10
 

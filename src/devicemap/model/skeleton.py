@@ -14,8 +14,8 @@ from transformers.models.auto.modeling_auto import (
     MODEL_MAPPING_NAMES,
 )
 
-from .errors import CheckpointError
-from .workload import dtype_name
+from ..errors import CheckpointError
+from ..workload import dtype_name
 
 # Tried in order when the config's ``architectures`` names no class transformers has.
 AUTO_CLASSES = (

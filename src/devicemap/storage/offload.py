@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import DeviceMapError
+from ..errors import DeviceMapError
 from .safetensors_file import encode_header
 
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]

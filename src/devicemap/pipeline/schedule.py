@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .errors import DeviceMapError
-from .pipeline_model import StageModel
-from .pipeline_wire import StageLinks
+from ..errors import DeviceMapError
+from .stage_model import StageModel
+from .wire import StageLinks
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def _expect(batch: _MicroBatch, stage: StageModel, links: StageLinks, step: int)
     """Post the receive of the message that starts ``batch``'s pass at ``step`` on this rank.
 
     It is posted before this rank computes, a pass early, so that the sender hands the
-    message over the moment it is ready instead of waiting to be asked (see ``pipeline_wire``).
+    message over the moment it is ready instead of waiting to be asked (see ``wire``).
     """
     if links.rank == 0 and step > 0:
         links.expect_tokens(batch.size)

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..workload import dtype_bytes, dtype_name
 from .activation import activation_values_per_token
 from .cache_size import BlockCache, block_caches
 from .skeleton import build_on_meta, config_dtype, load_config
-from .workload import dtype_bytes, dtype_name
 
 # Config fields that bound the positions a model can attend to, in order of preference.
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cache_size import cache_layer_indices
-from .devices import DeviceLike, loading_budgets
-from .errors import DeviceMapError
+from ..devices import DeviceLike, loading_budgets
+from ..errors import DeviceMapError
+from ..model.cache_size import cache_layer_indices
+from ..model.profile import profile_module
+from ..planning.plan import Placement, Plan
+from ..planning.planner import make_plan
+from ..storage.offload import OffloadFiles
 from .moving import hook_encoder, moved, return_to_input_device
-from .offload import OffloadFiles
 from .paging import HostPager, page_ranges
-from .plan import Placement, Plan
-from .planner import make_plan
-from .profile import profile_module
 from .sliding import trim_windows_after
 from .streaming import AcceleratorStreamer, StreamedBlock
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # safetensors itself refuses headers above 100 MB; a larger length means a corrupt file.
 _MAX_HEADER_BYTES = 100 * 2**20

@@ -23,8 +23,8 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+from ..errors import CheckpointError, DeviceMapError
 from .checkpoint import open_checkpoint
-from .errors import CheckpointError, DeviceMapError
 from .shards import write_sharded
 
 CACHE_ENV = "DEVICEMAP_CACHE"

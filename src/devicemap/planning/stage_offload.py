@@ -13,12 +13,12 @@ placement is the planner's ``make_plan`` over a profile of just its stage's bloc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from ..model.profile import Profile
+from ..units import format_size
+from ..workload import Workload
 from .ledger import DeviceLoad, Unit
 from .plan import Plan
 from .planner import OFFLOAD_TIERS, _split_offload, make_plan
-from .profile import Profile
-from .units import format_size
-from .workload import Workload
 
 # Host memory reads at a tenth of a GPU's speed or less, disk at a tenth of host memory's:
 # one weight for both keeps the search simple and still keeps offloading a last resort.

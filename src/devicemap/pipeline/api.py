@@ -33,21 +33,19 @@ import torch
 from rich.console import Console
 from transformers import AutoTokenizer
 
-from .devices import free_memory
-from .errors import DeviceMapError, PipelineError
-from .pipeline_launch import Workers
-from .pipeline_model import check_supported
-from .pipeline_requests import build_request, special_tokens, tokenize
-from .pipeline_schedule import Sampling
-from .pipeline_stages import RankBudgets, StagePlan, parse_rank_budgets, split_stages
-from .pipeline_worker import WorkerSpec, join, leave
-from .skeleton import load_config
-from .units import parse_size
-from .workload import Workload, dtype_name
+from ..devices import free_memory
+from ..errors import DeviceMapError, PipelineError
+from ..model.skeleton import load_config
+from ..planning.stages import RankBudgets, StagePlan, parse_rank_budgets, split_stages
+from ..units import parse_size
+from ..workload import Workload, dtype_name
+from .launch import Workers
+from .requests import build_request, special_tokens, tokenize
+from .schedule import Sampling
+from .stage_model import check_supported
+from .worker import WorkerSpec, join, leave
 
 DEFAULT_TIMEOUT_S = 300.0
-
-__all__ = ["Pipeline", "StagePlan", "generate", "generate_cli", "plan_stages", "tokenize"]
 
 
 def plan_stages(
@@ -71,7 +69,7 @@ def plan_stages(
 
     >>> print(plan_stages("smollm2", 2, max_memory="0=1GiB,1=2GiB"))  # doctest: +SKIP
     """
-    from .api import profile_of
+    from ..planning.api import profile_of
 
     kind = _device_kind(device, stages)
     budgets = _rank_budgets(max_memory, stages, kind)

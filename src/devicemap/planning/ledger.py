@@ -6,8 +6,8 @@ ledger, so that what is planned and what is reported can never disagree.
 
 from dataclasses import dataclass
 
-from .profile import Block, Profile
-from .workload import Workload, dtype_bytes
+from ..model.profile import Block, Profile
+from ..workload import Workload, dtype_bytes
 
 LOGITS_BYTES_PER_VALUE = 4  # generate keeps the last position's logits in float32
 LOGITS_COPIES = 2  # the logits and the processed scores are alive together

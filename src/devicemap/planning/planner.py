@@ -13,14 +13,14 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping
 
-from .devices import device_order, is_accelerator, normalize_device
-from .errors import DeviceMapError, DoesNotFitError
+from ..devices import device_order, is_accelerator, normalize_device
+from ..errors import DeviceMapError, DoesNotFitError
+from ..model.profile import Profile
+from ..units import format_size
+from ..workload import Workload
 from .ledger import STREAM_COPIES, DeviceLoad, Unit, assign, price_units
 from .manual import plan_manual
 from .plan import Placement, Plan
-from .profile import Profile
-from .units import format_size
-from .workload import Workload
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 OFFLOAD_TIERS = ("cpu", "disk")
@@ -42,7 +42,7 @@ def make_plan(
     ``budgets`` are bytes per canonical device name; ``device_map`` is a strategy, a manual
     dict of module-name prefixes to devices, or one device.
 
-    >>> from devicemap.profile import Block, Profile
+    >>> from devicemap.model.profile import Block, Profile
     >>> profile = Profile("toy", "float32", tuple(Block(f"layers.{i}", 10) for i in range(4)))
     >>> make_plan(profile, {"cuda:0": 25, "cuda:1": 25}).device_map
     {'layers.0': 0, 'layers.1': 0, 'layers.2': 1, 'layers.3': 1}

@@ -7,7 +7,7 @@ one whose slowest stage reads the fewest bytes per decode step wins: an output h
 as costly as several layers, an embedding lookup costs almost nothing. Weights tied
 across stages (an embedding reused as the head) are held by both stages that use them.
 Only when no split fits the ranks' budgets may a rank offload the tail of its stage to
-its own CPU memory or disk (``pipeline_offload``).
+its own CPU memory or disk (``stage_offload``).
 """
 
 import io
@@ -17,13 +17,13 @@ from dataclasses import dataclass, replace
 from rich.console import Console
 from rich.table import Table
 
-from .errors import DoesNotFitError, PipelineError
+from ..errors import DoesNotFitError, PipelineError
+from ..model.profile import Profile
+from ..units import format_size, parse_size
+from ..workload import Workload
 from .ledger import DeviceLoad, Unit, price_units
-from .pipeline_offload import OFFLOADED_READ_WEIGHT, RankOffload, describe_allowances, smallest_limit, split_offloading
 from .plan import Placement, Plan
-from .profile import Profile
-from .units import format_size, parse_size
-from .workload import Workload
+from .stage_offload import OFFLOADED_READ_WEIGHT, RankOffload, describe_allowances, smallest_limit, split_offloading
 
 RankBudgets = Mapping[int | str, int | str] | Sequence[int | str] | str
 
@@ -139,9 +139,9 @@ def split_stages(
 
     When no split fits, ``offload`` (per rank, bytes it may keep on "cpu" and "disk"; a
     ``device="cpu"`` rank computes in its CPU budget and offloads to disk only) lets ranks
-    keep the tail of their stage there, as ``pipeline_offload`` explains.
+    keep the tail of their stage there, as ``stage_offload`` explains.
 
-    >>> from devicemap.profile import Block, Profile
+    >>> from devicemap.model.profile import Block, Profile
     >>> layers = tuple(Block(f"layers.{i}", 10) for i in range(4))
     >>> toy = Profile("toy", "float32", (Block("embed", 20), *layers, Block("head", 20)))
     >>> [stage.blocks for stage in split_stages(toy, [100, 100]).stages]

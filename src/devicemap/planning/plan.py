@@ -9,11 +9,11 @@ from functools import cached_property
 from rich.console import Console
 from rich.table import Table
 
-from .devices import device_order
+from ..devices import device_order
+from ..model.profile import Block, Profile
+from ..units import format_size
+from ..workload import Workload
 from .ledger import DeviceLoad, assign, price_units
-from .profile import Block, Profile
-from .units import format_size
-from .workload import Workload
 
 
 @dataclass(frozen=True)

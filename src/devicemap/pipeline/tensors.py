@@ -11,9 +11,9 @@ sharing the embedding) is read under its partner's name when the checkpoint stor
 import torch
 from transformers import PreTrainedModel
 
-from .checkpoint import Checkpoint
-from .errors import CheckpointError
-from .sources import map_sources
+from ..errors import CheckpointError
+from ..storage.checkpoint import Checkpoint
+from ..storage.sources import map_sources
 
 
 def read_stage_state(

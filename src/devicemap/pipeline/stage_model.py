@@ -27,17 +27,17 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DummyLayer, DynamicSlidingWindowLayer
 
-from .checkpoint import Checkpoint, open_checkpoint
-from .dispatch import attach
-from .errors import PipelineError
-from .offload import OffloadFiles
-from .paging import file_backed, page_ranges
-from .pipeline_tensors import read_stage_state
-from .plan import Placement, Plan
-from .profile import Block, Profile
-from .skeleton import build_on_meta, config_dtype, load_config
-from .sliding import trim_windows_after
-from .workload import Workload, dtype_name
+from ..errors import PipelineError
+from ..model.profile import Block, Profile
+from ..model.skeleton import build_on_meta, config_dtype, load_config
+from ..planning.plan import Placement, Plan
+from ..runtime.dispatch import attach
+from ..runtime.paging import file_backed, page_ranges
+from ..runtime.sliding import trim_windows_after
+from ..storage.checkpoint import Checkpoint, open_checkpoint
+from ..storage.offload import OffloadFiles
+from ..workload import Workload, dtype_name
+from .tensors import read_stage_state
 
 # Decoder-only architectures whose base model is exactly embed_tokens → layers → norm and
 # whose causal LM is exactly lm_head(hidden states): models that scale embeddings inside

@@ -6,11 +6,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .devices import DeviceLike, planning_budgets
+from ..devices import DeviceLike, planning_budgets
+from ..model.profile import Profile, profile_config, profile_module
+from ..workload import Workload, dtype_name
 from .plan import Plan
 from .planner import make_plan
-from .profile import Profile, profile_config, profile_module
-from .workload import Workload, dtype_name
 
 ModelLike = str | os.PathLike | nn.Module | Profile
 

@@ -19,7 +19,7 @@ from types import MappingProxyType
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .safetensors_file import TensorInfo, read_safetensors_header
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"

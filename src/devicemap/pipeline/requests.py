@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PretrainedConfig
 
-from .errors import DeviceMapError
-from .pipeline_schedule import Request, Sampling
+from ..errors import DeviceMapError
+from .schedule import Request, Sampling
 
 Prompts = torch.Tensor | Sequence[Sequence[int]]
 

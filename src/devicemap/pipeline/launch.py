@@ -29,9 +29,9 @@ from datetime import timedelta
 import psutil
 import torch.distributed as dist
 
-from .errors import PipelineError
-from .pipeline_schedule import Request
-from .pipeline_worker import WorkerSpec
+from ..errors import PipelineError
+from .schedule import Request
+from .worker import WorkerSpec
 
 _POLL_S = 0.1
 _GRACE_S = 3.0  # how long the other ranks get to stop and report after the first failure
@@ -93,7 +93,7 @@ class Workers:
         control_read, control_write = os.pipe()
         reply_read, reply_write = os.pipe()
         command = [
-            sys.executable, "-m", "devicemap.pipeline_worker", "--spec", spec.to_json(),
+            sys.executable, "-m", "devicemap.pipeline", "--spec", spec.to_json(),
             "--control-fd", str(control_read), "--reply-fd", str(reply_write), "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         process = subprocess.Popen(

@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 _HIDDEN = 1
 _STOP = 0

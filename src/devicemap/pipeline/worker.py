@@ -1,13 +1,13 @@
 """One pipeline rank: join the process group, build this rank's stage, run requests.
 
-The same code runs under devicemap's own launcher (``python -m devicemap.pipeline_worker``,
+The same code runs under devicemap's own launcher (``python -m devicemap.pipeline``,
 requests arriving as JSON lines on a pipe from the launcher) and under ``torchrun``
 (inside ``devicemap generate``, one request from the command line). Either way the rank
 reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from
 the environment and joins with ``init_process_group(init_method="env://")``: gloo on CPU,
 NCCL on CUDA, every collective bounded by the pipeline's timeout.
 
-Trust: ranks exchange only tensors (see ``pipeline_wire``) and the launcher's pipes carry
+Trust: ranks exchange only tensors (see ``wire``) and the launcher's pipes carry
 JSON, so nothing is unpickled. The rendezvous store (torch's TCPStore) accepts any client
 that reaches its port, and a rank believes the hidden states its peers send: every rank of
 one job, and every host on the network the store and the ranks listen on, must be trusted.
@@ -27,13 +27,13 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from .devices import free_memory
-from .errors import DeviceMapError, PipelineError
-from .pipeline_model import StageModel, build_stage
-from .pipeline_schedule import Request, run_request
-from .pipeline_stages import StagePlan, split_stages
-from .pipeline_wire import PeerLostError, StageLinks
-from .workload import Workload
+from ..devices import free_memory
+from ..errors import DeviceMapError, PipelineError
+from ..planning.stages import StagePlan, split_stages
+from ..workload import Workload
+from .schedule import Request, run_request
+from .stage_model import StageModel, build_stage
+from .wire import PeerLostError, StageLinks
 
 _PARENT_CHECK_S = 0.5
 
@@ -148,7 +148,7 @@ def _environment_ranks(spec: WorkerSpec) -> tuple[int, int, int]:
 
 def _plan_together(spec: WorkerSpec, device: torch.device) -> StagePlan:
     """Every rank shares its budget and computes the same plan from the same numbers."""
-    from .api import profile_of
+    from ..planning.api import profile_of
 
     gathered = _gather_memory(_local_memory(device, spec.offload_folder), spec.stages, device)
     budgets = [budget for budget, _, _ in gathered]
@@ -230,7 +230,7 @@ def _watch_parent(parent_pid: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of a rank started by devicemap's launcher."""
-    parser = argparse.ArgumentParser(prog="python -m devicemap.pipeline_worker")
+    parser = argparse.ArgumentParser(prog="python -m devicemap.pipeline")
     parser.add_argument("--spec", required=True, help="the WorkerSpec as JSON")
     parser.add_argument("--control-fd", type=int, required=True, help="pipe the launcher writes requests to")
     parser.add_argument("--reply-fd", type=int, required=True, help="pipe this rank writes answers to")
@@ -249,6 +249,3 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(1)
     reply.close()
 
-
-if __name__ == "__main__":
-    main()

@@ -4,13 +4,13 @@ import difflib
 import warnings
 from collections.abc import Mapping
 
-from .devices import device_order, is_accelerator, normalize_device
-from .errors import DeviceMapError, DeviceNotFoundError
+from ..devices import device_order, is_accelerator, normalize_device
+from ..errors import DeviceMapError, DeviceNotFoundError
+from ..model.profile import Profile
+from ..units import format_size
+from ..workload import Workload
 from .ledger import DeviceLoad, assign, price_units
 from .plan import Placement
-from .profile import Profile
-from .units import format_size
-from .workload import Workload
 
 _LISTED = 8
 

@@ -27,19 +27,19 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
-from .checkpoint import Checkpoint, open_checkpoint
-from .devices import DeviceLike, check_devices_exist, loading_budgets
+from ..devices import DeviceLike, check_devices_exist, loading_budgets
+from ..errors import CheckpointError
+from ..model.profile import profile_module
+from ..model.skeleton import build_on_meta, config_dtype, load_config
+from ..planning.plan import Plan
+from ..planning.planner import make_plan
+from ..storage.checkpoint import Checkpoint, open_checkpoint
+from ..storage.keys import check_keys
+from ..storage.offload import OffloadFiles
+from ..storage.sources import Source, SourceMap, map_sources
+from ..workload import Workload, dtype_name
 from .dispatch import DEFAULT_PREFETCH_DEPTH, BlockTensor, PlacedBlock, attach, blocks_of, check_prefetch_depth
-from .errors import CheckpointError
-from .keys import check_keys
-from .offload import OffloadFiles
 from .paging import unmap_pages
-from .plan import Plan
-from .planner import make_plan
-from .profile import profile_module
-from .skeleton import build_on_meta, config_dtype, load_config
-from .sources import Source, SourceMap, map_sources
-from .workload import Workload, dtype_name
 
 
 def _frees_on_failure(function):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
 from .checkpoint import SAFETENSORS_INDEX
-from .errors import CheckpointError
 from .safetensors_file import write_safetensors
 
 # Shard names follow transformers' pattern, so its from_pretrained reads our folders.

@@ -1,0 +1,1 @@
+"""Files on disk: safetensors read and written, model folders, checkpoint names, offload files, the demo model."""

@@ -2,6 +2,7 @@
 
     devicemap plan MODEL --max-memory 0=24GiB,1=24GiB,cpu=64GiB --strategy auto --batch-size 4 --max-tokens 8192
     devicemap generate [MODEL] "What is machine learning?" --device-map auto --max-new-tokens 50
+    devicemap clean [FOLDER] [--yes]
 """
 
 import argparse
@@ -62,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument("--pipeline", type=int, metavar="N", help="run N pipeline stages in N processes")
     generate.set_defaults(run=_run_generate)
+
+    clean = commands.add_parser("clean", help="remove offload folders left behind by processes that were killed")
+    clean.add_argument("folder", nargs="?", help="the offload folder (default: the system temp folder)")
+    clean.add_argument("--yes", action="store_true", help="remove them (default: only list them)")
+    clean.set_defaults(run=_run_clean)
     return parser
 
 
@@ -175,6 +181,28 @@ def _generate_here(model_path: Path, prompts: list[str], args) -> int:
     generated = int((new_tokens != (tokenizer.pad_token_id or -1)).sum())
     console.print(f"\n{generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tokens/s")
     console.print(memory_report(plan, resident_before_bytes), soft_wrap=True)
+    return 0
+
+
+def _run_clean(args) -> int:
+    from .storage.offload import offload_parent, remove_stale, stale_folders
+    from .units import format_size
+
+    parent = offload_parent(args.folder)
+    if not parent.is_dir():
+        raise DeviceMapError(f"offload folder {parent} does not exist; name the folder that loads were given")
+    stale = remove_stale(parent) if args.yes else stale_folders(parent)
+    for folder in stale:
+        print(f"{format_size(folder.size_bytes):>10}  {folder.path}  (process {folder.owner.pid}, gone)")
+    total = format_size(sum(folder.size_bytes for folder in stale))
+    if args.yes:
+        print(f"removed {len(stale)} offload folder(s), {total}")
+        for kept in stale_folders(parent):
+            print(f"could not remove {kept.path}: check its permissions")
+    elif stale:
+        print(f"{len(stale)} offload folder(s), {total}, left by processes that are gone; pass --yes to remove them")
+    else:
+        print(f"no offload folders left by processes that are gone in {parent}")
     return 0
 
 

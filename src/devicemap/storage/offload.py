@@ -4,25 +4,34 @@ devicemap writes weights only when it must: a dtype conversion, or a module that
 memory. Those tensors go, one block per safetensors file, into a fresh folder inside the
 caller's offload folder, named ``.devicemap-*.partial`` until complete and
 ``devicemap-*`` after; they are then memory-mapped like any checkpoint. The folder goes
-away with the model that reads it (or at exit), and nothing else in the offload folder
-is ever written, renamed or removed.
+away with the model that reads it (or at exit). A process that is killed cannot remove
+its folder, so each folder records its owner, and the next process to write into the
+offload folder first reclaims the folders whose owners are gone. Nothing else in the
+offload folder is ever written, renamed or removed.
 """
 
 import math
+import os
+import re
 import shutil
+import stat
 import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ..errors import DeviceMapError
+from .owner import RECORD_NAME, Owner, is_gone, read_owner, write_owner
 from .safetensors_file import encode_header
 
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
+# Names OffloadFiles gives its folders (tempfile.mkdtemp's random part between the affixes).
+_FOLDER_NAME = re.compile(r"\.devicemap-[a-z0-9_]+\.partial|devicemap-[a-z0-9_]+")
 # A tensor, or consecutive flat pieces of it, each written before the next is asked for.
 Produced = torch.Tensor | Iterable[torch.Tensor]
 
@@ -36,7 +45,7 @@ class OffloadFiles:
     """
 
     def __init__(self, parent: str | Path | None):
-        self.parent = Path(parent).expanduser() if parent is not None else Path(tempfile.gettempdir())
+        self.parent = offload_parent(parent)
         self.folder: Path | None = None
         self._created_parents: list[Path] = []
         self._files = 0
@@ -84,13 +93,106 @@ class OffloadFiles:
         self._created_parents = [path for path in (self.parent, *self.parent.parents) if not path.exists()]
         try:
             self.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(self.parent)
             self.folder = Path(tempfile.mkdtemp(prefix=".devicemap-", suffix=".partial", dir=self.parent))
+            write_owner(self.folder)
         except OSError as error:
             raise DeviceMapError(
                 f"cannot write offloaded weights into {self.parent} ({error.strerror}); pass an "
                 "offload_folder on a disk this process can write"
             ) from None
         return self.folder
+
+
+@dataclass(frozen=True)
+class StaleFolder:
+    """An offload folder of devicemap's whose owning process is gone, and the bytes it holds."""
+
+    path: Path
+    size_bytes: int
+    owner: Owner
+
+
+def offload_parent(offload_folder: str | os.PathLike | None) -> Path:
+    """Where offload folders go for ``offload_folder``: the folder given, else the system temp folder.
+
+    >>> offload_parent("~/offload") == Path.home() / "offload"
+    True
+    """
+    return Path(offload_folder).expanduser() if offload_folder is not None else Path(tempfile.gettempdir())
+
+
+def stale_folders(offload_folder: str | os.PathLike | None = None) -> list[StaleFolder]:
+    """devicemap's folders in ``offload_folder`` (default: the system temp folder) whose owners are gone.
+
+    Only folders named as devicemap names them and holding devicemap's owner record count;
+    a folder of a live process, or with no readable record, never does.
+
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     stale_folders(folder)
+    []
+    """
+    parent = offload_parent(offload_folder)
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return []
+    stale = []
+    for path in entries:
+        if not _FOLDER_NAME.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+            continue
+        owner = read_owner(path)
+        if owner is not None and is_gone(owner):
+            stale.append(StaleFolder(path, _bytes_in(path), owner))
+    return stale
+
+
+def remove_stale(offload_folder: str | os.PathLike | None = None) -> list[StaleFolder]:
+    """Remove the folders ``stale_folders(offload_folder)`` finds; returns those that are gone now.
+
+    A folder another process is removing at the same time counts as removed; one that
+    cannot be removed (permissions) is left as it is and not returned.
+
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     remove_stale(folder)
+    []
+    """
+    removed = []
+    for stale in stale_folders(offload_folder):
+        try:
+            _remove(stale.path)
+        except OSError:
+            pass  # another process removing it too, or no permission: whether it still exists says which
+        if not stale.path.exists():
+            removed.append(stale)
+    return removed
+
+
+def _remove(folder: Path) -> None:
+    """Remove ``folder``, its owner record last, so that a removal cut short is found stale again."""
+    for entry in folder.iterdir():
+        if entry.name == RECORD_NAME:
+            continue
+        if not entry.is_symlink() and entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (folder / RECORD_NAME).unlink()
+    folder.rmdir()
+
+
+def _bytes_in(folder: Path) -> int:
+    """The bytes of the regular files under ``folder``, not following links."""
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                info = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            total += info.st_size if stat.S_ISREG(info.st_mode) else 0
+    return total
+
 
 
 def write_streamed(

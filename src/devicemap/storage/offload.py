@@ -10,6 +10,7 @@ offload folder first reclaims the folders whose owners are gone. Nothing else in
 offload folder is ever written, renamed or removed.
 """
 
+import errno
 import math
 import os
 import re
@@ -26,12 +27,15 @@ import torch
 from safetensors import safe_open
 
 from ..errors import DeviceMapError
+from ..units import format_size
 from .owner import RECORD_NAME, Owner, is_gone, read_owner, write_owner
 from .safetensors_file import encode_header
 
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
 # Names OffloadFiles gives its folders (tempfile.mkdtemp's random part between the affixes).
 _FOLDER_NAME = re.compile(r"\.devicemap-[a-z0-9_]+\.partial|devicemap-[a-z0-9_]+")
+# Out of space, or out of the user's quota on it.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # A tensor, or consecutive flat pieces of it, each written before the next is asked for.
 Produced = torch.Tensor | Iterable[torch.Tensor]
 
@@ -49,6 +53,7 @@ class OffloadFiles:
         self.folder: Path | None = None
         self._created_parents: list[Path] = []
         self._files = 0
+        self._needed_bytes = 0
         self._lock = threading.Lock()
 
     def write_block(
@@ -60,9 +65,15 @@ class OffloadFiles:
         memory. Threads may write different blocks at once.
         """
         with self._lock:
-            path = self._folder() / f"block-{self._files:05d}.safetensors"
             self._files += 1
-        write_streamed(path, specs, produce, block)
+            self._needed_bytes += _file_bytes(specs)
+            path = self._folder() / f"block-{self._files - 1:05d}.safetensors"
+        try:
+            write_streamed(path, specs, produce, block)
+        except OSError as error:
+            if error.errno not in _DISK_FULL:
+                raise
+            raise self._disk_full_error(error) from None
         with safe_open(str(path), framework="pt") as mapped:
             return {name: mapped.get_tensor(name) for name, _, _ in specs}
 
@@ -97,11 +108,23 @@ class OffloadFiles:
             self.folder = Path(tempfile.mkdtemp(prefix=".devicemap-", suffix=".partial", dir=self.parent))
             write_owner(self.folder)
         except OSError as error:
+            if error.errno in _DISK_FULL:
+                raise self._disk_full_error(error) from None
             raise DeviceMapError(
                 f"cannot write offloaded weights into {self.parent} ({error.strerror}); pass an "
                 "offload_folder on a disk this process can write"
             ) from None
         return self.folder
+
+    def _disk_full_error(self, error: OSError) -> DeviceMapError:
+        written_bytes = _bytes_in(self.folder) if self.folder is not None else 0
+        return DeviceMapError(
+            f"the disk holding offload folder {self.parent} filled up ({error.strerror}) after "
+            f"{format_size(written_bytes)} of offloaded weights were written into {self.folder or self.parent}; "
+            f"the {self._files} disk block(s) begun so far need {format_size(self._needed_bytes)}: free at least "
+            f"{format_size(self._needed_bytes - written_bytes)} more on that disk, pass offload_folder on a disk "
+            "with more room, or lower the disk budget (max_memory={..., 'disk': ...})"
+        )
 
 
 @dataclass(frozen=True)
@@ -193,6 +216,10 @@ def _bytes_in(folder: Path) -> int:
             total += info.st_size if stat.S_ISREG(info.st_mode) else 0
     return total
 
+
+def _file_bytes(specs: Sequence[TensorSpec]) -> int:
+    header, data_bytes = encode_header(specs)
+    return len(header) + data_bytes
 
 
 def write_streamed(

@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from devicemap.storage.demo import demo_model_path
 from devicemap.pipeline import Pipeline
-from devicemap.pipeline.requests import tokenize
+from devicemap.runtime.prompts import tokenize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_OVER_ONE_AT_A_TIME = 1.6

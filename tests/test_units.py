@@ -1,7 +1,7 @@
 import pytest
 
 from devicemap.errors import DeviceMapError
-from devicemap.units import format_size, parse_size
+from devicemap.units import first_of, format_size, parse_size, split_assignments
 
 
 @pytest.mark.parametrize(
@@ -34,3 +34,19 @@ def test_sizes_format_in_binary_units():
     assert format_size(int(131.4 * 2**30)) == "131.4 GiB"
     assert format_size(3 * 2**40) == "3.0 TiB"
     assert format_size(-2**20) == "-1.0 MiB"
+
+
+def test_assignments_split_into_stripped_pairs_skipping_empty_entries():
+    pairs = split_assignments(" 0=24GiB, cpu = 64GiB ,,", key="DEVICE", example="0=24GiB")
+    assert pairs == [("0", "24GiB"), ("cpu", "64GiB")]
+
+
+@pytest.mark.parametrize("bad", ["0:24GiB", "cpu=", "=5GB"])
+def test_an_assignment_without_key_or_size_is_an_error_quoting_it_with_the_expected_form(bad):
+    with pytest.raises(DeviceMapError, match=f"{bad!r} is not RANK=SIZE; write e.g. '0=8GiB'"):
+        split_assignments(f"1=2GiB,{bad}", key="RANK", example="0=8GiB")
+
+
+def test_a_long_list_of_names_shows_the_first_few_and_counts_the_rest():
+    assert first_of(["a", "b"], 2) == "a, b"
+    assert first_of([f"layer.{i}" for i in range(12)], 3) == "layer.0, layer.1, layer.2 … and 9 more"

@@ -7,15 +7,27 @@
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import psutil
+import torch
 from rich.console import Console
+from transformers import AutoTokenizer, TextStreamer
 
 from .errors import DeviceMapError
+from .model.skeleton import load_config
+from .pipeline.api import Pipeline, generate_as_rank, plan_stages
+from .pipeline.requests import special_tokens
+from .planning.api import plan
 from .planning.plan import Plan
+from .runtime.load import load
+from .runtime.prompts import tokenize
+from .storage.demo import demo_model_path
+from .storage.offload import offload_parent, remove_stale, stale_folders
+from .units import format_size
 from .workload import Workload
 
 _STRATEGY_HELP = (
@@ -27,7 +39,7 @@ _STRATEGY_HELP = (
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     args = _parser().parse_args(argv)
-    console = Console(stderr=True, highlight=False)
+    console = _console()
     try:
         return args.run(args)
     except DeviceMapError as error:
@@ -42,16 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devicemap", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    plan = commands.add_parser("plan", help="plan where each part of a model goes; loads nothing")
-    plan.add_argument("model", help="model folder or config.json")
-    plan.add_argument("--strategy", default="auto", help=_STRATEGY_HELP)
-    _add_placement_options(plan)
-    plan.add_argument("--batch-size", type=int, default=1, help="sequences at once (default 1)")
-    plan.add_argument("--max-tokens", type=int, help="tokens per sequence (default: context or 4096)")
-    plan.add_argument("--kv-dtype", help="dtype of the KV cache (default: --dtype)")
-    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan.add_argument("--pipeline", type=int, metavar="N", help="plan N pipeline stages, one per rank")
-    plan.set_defaults(run=_run_plan)
+    plan_command = commands.add_parser("plan", help="plan where each part of a model goes; loads nothing")
+    plan_command.add_argument("model", help="model folder or config.json")
+    plan_command.add_argument("--strategy", default="auto", help=_STRATEGY_HELP)
+    _add_placement_options(plan_command)
+    plan_command.add_argument("--batch-size", type=int, default=1, help="sequences at once (default 1)")
+    plan_command.add_argument("--max-tokens", type=int, help="tokens per sequence (default: context or 4096)")
+    plan_command.add_argument("--kv-dtype", help="dtype of the KV cache (default: --dtype)")
+    plan_command.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan_command.add_argument("--pipeline", type=int, metavar="N", help="plan N pipeline stages, one per rank")
+    plan_command.set_defaults(run=_run_plan)
 
     generate = commands.add_parser("generate", help="generate text with a model spread over the devices")
     generate.add_argument(
@@ -94,100 +106,108 @@ def _device_map_argument(value: str):
 
 
 def _run_plan(args) -> int:
-    from .planning.api import plan
-
     workload = Workload(args.batch_size, args.max_tokens, args.kv_dtype)
     if args.pipeline:
-        from .pipeline.api import plan_stages
-
-        stages = plan_stages(
-            args.model,
-            args.pipeline,
-            dtype=args.dtype,
-            max_memory=args.max_memory,
-            workload=workload,
-            offload=not args.no_offload,
-            offload_folder=args.offload_folder,
-        )
-        print(stages)
+        print(plan_stages(args.model, args.pipeline, workload=workload, **_placement(args)))
         return 0
-    result = plan(
-        args.model,
-        _device_map_argument(args.strategy),
-        dtype=args.dtype,
-        max_memory=args.max_memory,
-        workload=workload,
-        offload=not args.no_offload,
-        offload_folder=args.offload_folder,
-    )
+    result = plan(args.model, _device_map_argument(args.strategy), workload=workload, **_placement(args))
     print(result.to_json() if args.json else result)
     return 0
 
 
+def _placement(args) -> dict:
+    """The placement options as keyword arguments of ``plan``, ``load``, ``plan_stages`` and ``Pipeline``."""
+    return dict(
+        dtype=args.dtype, max_memory=args.max_memory, offload=not args.no_offload, offload_folder=args.offload_folder
+    )
+
+
 def _run_generate(args) -> int:
     model_path, prompts = _split_model_and_prompts(args.words)
-    if args.pipeline:
-        from .pipeline.api import generate_cli
-
-        return generate_cli(model_path, prompts, args)
-    return _generate_here(model_path, prompts, args)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    inputs = tokenize(tokenizer, prompts, args.chat)
+    if not args.pipeline:
+        return _generate_here(model_path, tokenizer, inputs, args)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _generate_as_rank(model_path, tokenizer, inputs, args)
+    return _generate_in_pipeline(model_path, tokenizer, inputs, args)
 
 
 def _split_model_and_prompts(words: list[str]) -> tuple[Path, list[str]]:
     if len(words) > 1 and Path(words[0]).is_dir():
         return Path(words[0]), words[1:]
-    from .storage.demo import demo_model_path
-
     return demo_model_path(), words
 
 
-def _generate_here(model_path: Path, prompts: list[str], args) -> int:
-    from transformers import AutoTokenizer, TextStreamer
+def _workload(inputs: dict[str, torch.Tensor], args) -> Workload:
+    batch_size, prompt_tokens = inputs["input_ids"].shape
+    return Workload(batch_size, prompt_tokens + args.max_new_tokens)
 
-    from .pipeline.requests import tokenize
-    from .runtime.load import load
 
-    console = Console(stderr=True, highlight=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    inputs = tokenize(tokenizer, prompts, args.chat)
-    prompt_tokens = inputs["input_ids"].shape[1]
-    workload = Workload(len(prompts), prompt_tokens + args.max_new_tokens)
+def _generate_here(model_path: Path, tokenizer, inputs: dict[str, torch.Tensor], args) -> int:
     resident_before_bytes = psutil.Process().memory_info().rss
-    model = load(
-        model_path,
-        device_map=_device_map_argument(args.device_map),
-        max_memory=args.max_memory,
-        dtype=args.dtype,
-        workload=workload,
-        offload_folder=args.offload_folder,
-        offload=not args.no_offload,
-    )
-    plan = model.devicemap_plan
-    console.print(str(plan), soft_wrap=True)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if len(prompts) == 1 else None
+    device_map = _device_map_argument(args.device_map)
+    model = load(model_path, device_map=device_map, workload=_workload(inputs, args), **_placement(args))
+    _console().print(str(model.devicemap_plan), soft_wrap=True)
+    one_prompt = len(inputs["input_ids"]) == 1
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if one_prompt else None
+    pad = tokenizer.pad_token_id or tokenizer.eos_token_id
     started = time.perf_counter()
     output = model.generate(
-        **inputs,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=False,
-        streamer=streamer,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer, pad_token_id=pad
     )
-    elapsed = time.perf_counter() - started
-    new_tokens = output[:, prompt_tokens:]
+    seconds = time.perf_counter() - started
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
     if streamer is None:
-        for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
-            print(text)
-    generated = int((new_tokens != (tokenizer.pad_token_id or -1)).sum())
-    console.print(f"\n{generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tokens/s")
-    console.print(memory_report(plan, resident_before_bytes), soft_wrap=True)
+        _print_texts(tokenizer, new_tokens)
+    _print_speed(new_tokens, tokenizer.pad_token_id or -1, seconds)
+    _console().print(memory_report(model.devicemap_plan, resident_before_bytes), soft_wrap=True)
     return 0
 
 
-def _run_clean(args) -> int:
-    from .storage.offload import offload_parent, remove_stale, stale_folders
-    from .units import format_size
+def _generate_in_pipeline(model_path: Path, tokenizer, inputs: dict[str, torch.Tensor], args) -> int:
+    """``--pipeline N``: N processes started here."""
+    with Pipeline(model_path, stages=args.pipeline, workload=_workload(inputs, args), **_placement(args)) as pipe:
+        _console().print(pipe.stage_plan.table())
+        started = time.perf_counter()
+        output = pipe.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=args.max_new_tokens)
+        seconds = time.perf_counter() - started
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    _print_texts(tokenizer, new_tokens)
+    _print_speed(new_tokens, special_tokens(model_path, pipe.config)[1], seconds)
+    return 0
 
+
+def _generate_as_rank(model_path: Path, tokenizer, inputs: dict[str, torch.Tensor], args) -> int:
+    """``--pipeline N`` under torchrun: this process is one rank; every rank tokenizes the same prompts."""
+    output = generate_as_rank(
+        model_path, inputs["input_ids"], inputs["attention_mask"], stages=args.pipeline,
+        max_new_tokens=args.max_new_tokens, dtype=args.dtype, max_memory=args.max_memory,
+    )  # fmt: skip
+    if output is None:
+        return 0
+    _console().print(output.stage_plan.table())
+    _print_texts(tokenizer, output.new_tokens)
+    _print_speed(output.new_tokens, special_tokens(model_path, load_config(model_path))[1], output.seconds)
+    return 0
+
+
+def _print_texts(tokenizer, new_tokens: torch.Tensor) -> None:
+    for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
+        print(text)
+
+
+def _print_speed(new_tokens: torch.Tensor, pad_token_id: int, seconds: float) -> None:
+    generated = int((new_tokens != pad_token_id).sum())
+    _console().print(f"\n{generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s")
+
+
+def _console() -> Console:
+    """Tables, progress and errors go to stderr, so that stdout holds only what was asked for."""
+    return Console(stderr=True, highlight=False)
+
+
+def _run_clean(args) -> int:
     parent = offload_parent(args.folder)
     if not parent.is_dir():
         raise DeviceMapError(f"offload folder {parent} does not exist; name the folder that loads were given")
@@ -213,10 +233,6 @@ def memory_report(plan: Plan, resident_before_bytes: int) -> str:
     before loading (the Python runtime, torch, the tokenizer); it also counts the pages of
     memory-mapped weights the run touched, which the kernel may reclaim.
     """
-    import torch
-
-    from .units import format_size
-
     lines = ["memory: device, planned, used"]
     for row in plan.ledger:
         if row.device.startswith("cuda:"):

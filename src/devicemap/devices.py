@@ -12,10 +12,9 @@ import psutil
 import torch
 
 from .errors import DeviceMapError, DeviceNotFoundError
-from .units import format_size, parse_size
+from .units import format_size, parse_size, split_assignments
 
 DeviceLike = int | str | torch.device
-OFFLOAD_DEVICES = ("cpu", "disk")
 
 
 def normalize_device(device: DeviceLike) -> str:
@@ -32,11 +31,7 @@ def normalize_device(device: DeviceLike) -> str:
         return f"cuda:{device}"
     if isinstance(device, torch.device):
         device = str(device)
-    if not isinstance(device, str):
-        raise DeviceMapError(
-            f"device {device!r} is not understood; use an int, 'cuda:N', 'mps', 'cpu' or 'disk'"
-        )
-    name = device.strip().lower()
+    name = device.strip().lower() if isinstance(device, str) else ""  # anything else is refused below
     if name.isdigit():
         return f"cuda:{int(name)}"
     if name in ("cuda", "cuda:0"):
@@ -47,9 +42,7 @@ def normalize_device(device: DeviceLike) -> str:
         return "mps"
     if name in ("cpu", "disk", "meta"):
         return name
-    raise DeviceMapError(
-        f"device {device!r} is not understood; use an int, 'cuda:N', 'mps', 'cpu' or 'disk'"
-    )
+    raise DeviceMapError(f"device {device!r} is not understood; use an int, 'cuda:N', 'mps', 'cpu' or 'disk'")
 
 
 def is_accelerator(device: str) -> bool:
@@ -106,7 +99,7 @@ def parse_max_memory(max_memory: dict[DeviceLike, int | str] | str | None) -> di
     if max_memory is None:
         return {}
     if isinstance(max_memory, str):
-        max_memory = dict(_split_assignment(part) for part in max_memory.split(",") if part.strip())
+        max_memory = dict(split_assignments(max_memory, key="DEVICE", example="0=24GiB,cpu=64GiB"))
     budgets = {}
     for device, size in max_memory.items():
         name = normalize_device(device)
@@ -114,15 +107,6 @@ def parse_max_memory(max_memory: dict[DeviceLike, int | str] | str | None) -> di
             raise DeviceMapError("'meta' holds no data and cannot have a budget; name a real device")
         budgets[name] = parse_size(size)
     return budgets
-
-
-def _split_assignment(part: str) -> tuple[str, str]:
-    device, sep, size = part.partition("=")
-    if not sep or not device.strip() or not size.strip():
-        raise DeviceMapError(
-            f"max_memory entry {part.strip()!r} is not DEVICE=SIZE; write e.g. '0=24GiB,cpu=64GiB'"
-        )
-    return device.strip(), size.strip()
 
 
 def planning_budgets(

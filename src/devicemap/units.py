@@ -1,6 +1,7 @@
-"""Byte sizes: parse what users write ("10GiB", "1.5 TB", 2**30) and format for people."""
+"""Byte sizes: parse what users write ("10GiB", "1.5 TB", 2**30) and format for people; lists of names for messages."""
 
 import re
+from collections.abc import Sequence
 
 from .errors import DeviceMapError
 
@@ -26,9 +27,7 @@ def parse_size(value: int | str) -> int:
     1610612736
     """
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise DeviceMapError(
-            f"size {value!r} is not a number of bytes or a string such as '10GiB' or '500MB'"
-        )
+        raise DeviceMapError(f"size {value!r} is not a number of bytes or a string such as '10GiB' or '500MB'")
     if isinstance(value, int):
         size = value
     else:
@@ -57,3 +56,28 @@ def format_size(num_bytes: int | float) -> str:
             return f"{sign}{amount:.0f} {unit}" if unit == "B" else f"{sign}{amount:.1f} {unit}"
         amount /= 1024
     return f"{sign}{amount:.1f} TiB"
+
+
+def split_assignments(text: str, *, key: str, example: str) -> list[tuple[str, str]]:
+    """Split "KEY=SIZE,KEY=SIZE" into (key, size) pairs of stripped strings; ``key`` and ``example`` word the error.
+
+    >>> split_assignments("0=24GiB, cpu=64GiB", key="DEVICE", example="0=24GiB,cpu=64GiB")
+    [('0', '24GiB'), ('cpu', '64GiB')]
+    """
+    pairs = []
+    for part in filter(str.strip, text.split(",")):
+        name, sep, size = part.partition("=")
+        if not sep or not name.strip() or not size.strip():
+            raise DeviceMapError(f"max_memory entry {part.strip()!r} is not {key}=SIZE; write e.g. {example!r}")
+        pairs.append((name.strip(), size.strip()))
+    return pairs
+
+
+def first_of(names: Sequence[str], limit: int) -> str:
+    """The first ``limit`` names, comma-separated, and how many more there are.
+
+    >>> first_of(["a", "b", "c", "d"], 2)
+    'a, b … and 2 more'
+    """
+    shown = ", ".join(names[:limit])
+    return f"{shown} … and {len(names) - limit} more" if len(names) > limit else shown

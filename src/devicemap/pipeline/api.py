@@ -26,21 +26,23 @@ them, must be trusted.
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import torch
-from rich.console import Console
 from transformers import AutoTokenizer
 
 from ..devices import free_memory
 from ..errors import DeviceMapError, PipelineError
 from ..model.skeleton import load_config
+from ..planning.api import profile_of
 from ..planning.stages import RankBudgets, StagePlan, parse_rank_budgets, split_stages
+from ..runtime.prompts import tokenize
 from ..units import parse_size
 from ..workload import Workload, dtype_name
 from .launch import Workers
-from .requests import build_request, special_tokens, tokenize
+from .requests import build_request
 from .schedule import Sampling
 from .stage_model import check_supported
 from .worker import WorkerSpec, join, leave
@@ -67,10 +69,12 @@ def plan_stages(
     share of this machine's free RAM (GPU ranks) and of the disk under ``offload_folder``,
     or, per rank, to the sizes ``offload`` gives (e.g. ``[{}, {"disk": "4GiB"}]``).
 
-    >>> print(plan_stages("smollm2", 2, max_memory="0=1GiB,1=2GiB"))  # doctest: +SKIP
+    >>> from devicemap.model.profile import Block, Profile
+    >>> blocks = tuple(Block(name, 2**20) for name in ("embed", "layers.0", "layers.1", "layers.2", "head"))
+    >>> plan = plan_stages(Profile("tiny", "float32", blocks, head="head"), 2, max_memory=[2**30] * 2, device="cpu")
+    >>> plan.blocks_of(0), plan.blocks_of(1)
+    (('embed', 'layers.0', 'layers.1'), ('layers.2', 'head'))
     """
-    from ..planning.api import profile_of
-
     kind = _device_kind(device, stages)
     budgets = _rank_budgets(max_memory, stages, kind)
     allowances = _offload_allowances(offload, stages, kind, offload_folder)
@@ -82,19 +86,17 @@ class Pipeline:
 
     ``device`` is "cpu" (gloo, one process per stage), "cuda" (NCCL, rank r on GPU r) or
     "auto" (CUDA when this machine has a GPU). ``offload`` and ``offload_folder`` are as for
-    :func:`plan_stages`: a rank keeps what its budget cannot hold in its RAM or on disk. ``threads_per_stage`` defaults to an equal
-    share of the CPU cores for CPU stages. A rank that fails, dies, or stops answering for
-    ``timeout_s`` stops the whole pipeline with a :class:`PipelineError` naming it.
-
-    >>> with Pipeline(demo_model_path(), stages=2) as pipe:  # doctest: +SKIP
-    ...     pipe.generate_text(["What is machine learning?"], max_new_tokens=20)
+    :func:`plan_stages`: a rank keeps what its budget cannot hold in its RAM or on disk.
+    ``threads_per_stage`` defaults to an equal share of the CPU cores for CPU stages. A rank
+    that fails, dies, or stops answering for ``timeout_s`` stops the whole pipeline with a
+    :class:`PipelineError` naming it.
     """
 
     def __init__(
         self,
         model: str | os.PathLike,
-        stages: int = 2,
         *,
+        stages: int = 2,
         dtype: torch.dtype | str | None = None,
         max_memory: RankBudgets | None = None,
         workload: Workload | None = None,
@@ -157,31 +159,19 @@ class Pipeline:
         ``sampling``: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``.
         ``eos_token_id`` defaults to the model's; ``[]`` generates ``max_new_tokens`` for every row.
         ``micro_batches`` defaults to the number of stages.
-
-        >>> pipe.generate([[1, 2, 3], [4]], max_new_tokens=8).shape  # doctest: +SKIP
-        torch.Size([2, 11])
         """
-        eos, pad = special_tokens(self.model, self.config, eos_token_id, pad_token_id)
         request = build_request(
-            input_ids,
-            attention_mask,
-            vocab_size=self.config.vocab_size,
-            max_new_tokens=max_new_tokens,
-            eos_token_ids=eos,
-            pad_token_id=pad,
-            micro_batches=micro_batches or len(self.stage_plan.stages),
-            sampling=Sampling(**sampling),
-        )
+            input_ids, attention_mask, model=self.model, config=self.config, max_new_tokens=max_new_tokens,
+            micro_batches=micro_batches or len(self.stage_plan.stages), sampling=Sampling(**sampling),
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        )  # fmt: skip
         new_tokens = torch.tensor(self._workers.generate(request), dtype=torch.int64)
         return torch.cat([request.input_ids, new_tokens], dim=1)
 
     def generate_text(
         self, prompts: Sequence[str], *, max_new_tokens: int = 20, chat: bool = False, **options
     ) -> list[str]:
-        """Generate a continuation of each prompt; ``chat`` wraps them in the model's chat template.
-
-        >>> pipe.generate_text(["What is machine learning?"], max_new_tokens=30)  # doctest: +SKIP
-        """
+        """Generate a continuation of each prompt; ``chat`` wraps them in the model's chat template."""
         tokenizer = self.tokenizer
         inputs = tokenize(tokenizer, prompts, chat)
         output = self.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens, **options)
@@ -212,13 +202,11 @@ def generate(
 
     ``options`` go to :class:`Pipeline` (``dtype``, ``max_memory``, ``device``, ``timeout_s``…)
     or to :meth:`Pipeline.generate_text` (``chat``, ``do_sample``, ``seed``…).
-
-    >>> devicemap.pipeline.generate(demo_model_path(), ["What is machine learning?"], stages=2)  # doctest: +SKIP
     """
     pipeline_options = {key: options.pop(key) for key in _PIPELINE_OPTIONS if key in options}
     if "workload" not in pipeline_options:
         pipeline_options["workload"] = Workload(len(prompts))
-    with Pipeline(model, stages, **pipeline_options) as pipe:
+    with Pipeline(model, stages=stages, **pipeline_options) as pipe:
         return pipe.generate_text(prompts, max_new_tokens=max_new_tokens, **options)
 
 
@@ -272,67 +260,49 @@ def _offload_allowances(offload, stages: int, kind: str, offload_folder) -> list
     return [{"cpu": free_memory("cpu") // stages, "disk": disk}] * stages
 
 
-def generate_cli(model_path: Path, prompts: list[str], args) -> int:
-    """``devicemap generate ... --pipeline N``: N processes started here, or this process as one rank under torchrun."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return _generate_as_rank(model_path, prompts, args)
-    console = Console(stderr=True, highlight=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    inputs = tokenize(tokenizer, prompts, args.chat)
-    workload = Workload(len(prompts), inputs["input_ids"].shape[1] + args.max_new_tokens)
-    options = dict(dtype=args.dtype, max_memory=args.max_memory, workload=workload)
-    options.update(offload=not args.no_offload, offload_folder=args.offload_folder)
-    with Pipeline(model_path, args.pipeline, **options) as pipe:
-        console.print(pipe.stage_plan.table())
-        started = time.perf_counter()
-        output = pipe.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=args.max_new_tokens)
-        elapsed = time.perf_counter() - started
-    _, pad = special_tokens(model_path, pipe.config)
-    _print_generated(console, tokenizer, output[:, inputs["input_ids"].shape[1] :], pad, elapsed)
-    return 0
+@dataclass(frozen=True)
+class RankOutput:
+    """Rank 0's answer in a torchrun job: the new tokens, the stages the ranks planned, the seconds generating took."""
+
+    new_tokens: torch.Tensor
+    stage_plan: StagePlan
+    seconds: float
 
 
-def _generate_as_rank(model_path: Path, prompts: list[str], args) -> int:
-    """One rank of a torchrun job: every rank tokenizes the same prompts; rank 0 prints."""
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    inputs = tokenize(tokenizer, prompts, args.chat)
-    config = load_config(model_path)
-    eos, pad = special_tokens(model_path, config)
+def generate_as_rank(
+    model: str | os.PathLike,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    stages: int,
+    max_new_tokens: int,
+    dtype: torch.dtype | str | None = None,
+    max_memory: RankBudgets | None = None,
+) -> RankOutput | None:
+    """Join the torchrun job the environment describes as one of its ``stages`` ranks and continue the prompts.
+
+    Every rank passes the same left-padded prompts; the ranks plan their stages together from
+    the memory each has free (``max_memory`` overrides ranks' budgets). Rank 0 gets the new
+    tokens back, the other ranks None.
+    """
+    request = build_request(
+        input_ids, attention_mask, model=Path(model), config=load_config(model), max_new_tokens=max_new_tokens,
+        micro_batches=stages, sampling=Sampling(),
+    )  # fmt: skip
     spec = WorkerSpec(
-        model=str(model_path),
-        stages=args.pipeline,
-        dtype=dtype_name(args.dtype) if args.dtype else None,
-        workload=Workload(len(prompts), inputs["input_ids"].shape[1] + args.max_new_tokens),
+        model=str(model),
+        stages=stages,
+        dtype=dtype_name(dtype) if dtype else None,
+        workload=Workload(input_ids.shape[0], input_ids.shape[1] + max_new_tokens),
         timeout_s=DEFAULT_TIMEOUT_S,
         device="cuda" if torch.cuda.is_available() else "cpu",
-        budgets=tuple(parse_rank_budgets(args.max_memory, args.pipeline).items()),
-    )
-    request = build_request(
-        inputs["input_ids"],
-        inputs["attention_mask"],
-        vocab_size=config.vocab_size,
-        max_new_tokens=args.max_new_tokens,
-        eos_token_ids=eos,
-        pad_token_id=pad,
-        micro_batches=args.pipeline,
-        sampling=Sampling(),
+        budgets=tuple(parse_rank_budgets(max_memory, stages).items()),
     )
     rank = join(spec)
     try:
         started = time.perf_counter()
         new_tokens = rank.generate(request)
-        elapsed = time.perf_counter() - started
+        seconds = time.perf_counter() - started
     finally:
         leave()
-    if new_tokens is not None:
-        console = Console(stderr=True, highlight=False)
-        console.print(rank.stage_plan.table())
-        _print_generated(console, tokenizer, new_tokens, pad, elapsed)
-    return 0
-
-
-def _print_generated(console: Console, tokenizer, new_tokens: torch.Tensor, pad: int, elapsed: float) -> None:
-    for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
-        print(text)
-    generated = int((new_tokens != pad).sum())
-    console.print(f"\n{generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tokens/s")
+    return None if new_tokens is None else RankOutput(new_tokens, rank.stage_plan, seconds)

@@ -60,13 +60,7 @@ class _Failure:
 
 
 class Workers:
-    """N worker processes on this machine, one per rank, serving requests until closed.
-
-    >>> workers = Workers(spec)  # doctest: +SKIP
-    >>> workers.wait_ready()  # doctest: +SKIP
-    >>> tokens = workers.generate(request)  # doctest: +SKIP
-    >>> workers.close()  # doctest: +SKIP
-    """
+    """N worker processes on this machine, one per rank, serving requests until closed."""
 
     def __init__(self, spec: WorkerSpec, master_addr: str = "127.0.0.1"):
         self.spec = spec
@@ -133,10 +127,6 @@ class Workers:
             except subprocess.TimeoutExpired:
                 pass
         self._shutdown("it was closed")
-
-    def kill(self) -> None:
-        """Stop every worker at once, without asking, and reap it."""
-        self._shutdown("it was killed")
 
     def _shutdown(self, reason: str) -> None:
         self._stopped = self._stopped or reason

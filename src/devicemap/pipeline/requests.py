@@ -17,24 +17,6 @@ from .schedule import Request, Sampling
 Prompts = torch.Tensor | Sequence[Sequence[int]]
 
 
-def tokenize(tokenizer, prompts: Sequence[str], chat: bool = False) -> dict[str, torch.Tensor]:
-    """Left-padded token ids and mask for ``prompts``, wrapped in the chat template when ``chat``.
-
-    >>> tokenizer = AutoTokenizer.from_pretrained(demo_model_path())  # doctest: +SKIP
-    >>> tokenize(tokenizer, ["Hi", "Hello there"])["attention_mask"]  # doctest: +SKIP
-    tensor([[0, 1], [1, 1]])
-    """
-    if chat:
-        prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=not chat)
-
-
 def special_tokens(
     model: Path,
     config: PretrainedConfig,
@@ -59,21 +41,26 @@ def build_request(
     prompts: Prompts,
     attention_mask: torch.Tensor | None,
     *,
-    vocab_size: int,
+    model: Path,
+    config: PretrainedConfig,
     max_new_tokens: int,
-    eos_token_ids: tuple[int, ...],
-    pad_token_id: int,
     micro_batches: int,
     sampling: Sampling,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> Request:
-    """Check and left-align the prompts, and bundle them with how to continue them."""
+    """Check and left-align the prompts, and bundle them with how to continue them.
+
+    The EOS and pad tokens are as given, else the model's (see :func:`special_tokens`).
+    """
+    eos, pad = special_tokens(model, config, eos_token_id, pad_token_id)
     if max_new_tokens < 1:
         raise DeviceMapError(f"max_new_tokens {max_new_tokens} must be at least 1")
     if micro_batches < 1:
         raise DeviceMapError(f"micro_batches {micro_batches} must be at least 1")
-    input_ids, mask = _left_padded(prompts, attention_mask, pad_token_id)
-    _require_in_vocabulary(input_ids[mask.bool()], vocab_size)
-    return Request(input_ids, mask, max_new_tokens, eos_token_ids, pad_token_id, micro_batches, sampling)
+    input_ids, mask = _left_padded(prompts, attention_mask, pad)
+    _require_in_vocabulary(input_ids[mask.bool()], config.vocab_size)
+    return Request(input_ids, mask, max_new_tokens, eos, pad, micro_batches, sampling)
 
 
 def _as_tuple(token_ids: int | Sequence[int] | None) -> tuple[int, ...]:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ..devices import free_memory
 from ..errors import DeviceMapError, PipelineError
+from ..planning.api import profile_of
 from ..planning.stages import StagePlan, split_stages
 from ..workload import Workload
 from .schedule import Request, run_request
@@ -100,10 +101,7 @@ class Rank:
 
 
 def join(spec: WorkerSpec) -> Rank:
-    """Join the job the environment describes and build this rank's stage.
-
-    >>> rank = join(WorkerSpec("smollm2", 2, None, Workload(8, 128), timeout_s=60))  # doctest: +SKIP
-    """
+    """Join the job the environment describes and build this rank's stage."""
     rank, world_size, local_rank = _environment_ranks(spec)
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -148,8 +146,6 @@ def _environment_ranks(spec: WorkerSpec) -> tuple[int, int, int]:
 
 def _plan_together(spec: WorkerSpec, device: torch.device) -> StagePlan:
     """Every rank shares its budget and computes the same plan from the same numbers."""
-    from ..planning.api import profile_of
-
     gathered = _gather_memory(_local_memory(device, spec.offload_folder), spec.stages, device)
     budgets = [budget for budget, _, _ in gathered]
     for given_rank, budget in spec.budgets:
@@ -248,4 +244,3 @@ def main(argv: list[str] | None = None) -> None:
         _report(reply, error)
         os._exit(1)
     reply.close()
-

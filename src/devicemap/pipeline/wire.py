@@ -15,9 +15,10 @@ rank posts the receive of a micro-batch's next message as soon as the current on
 Every wait blocks this rank's thread for at most the pipeline's timeout, and a peer that
 dies or stops answering becomes a :class:`PeerLostError` naming it. Under NCCL that takes
 two things gloo does by itself. A plain ``wait()`` only makes the current CUDA stream
-wait, so the host would run on into a copy that never finishes: every wait passes the
-timeout, which makes NCCL block the host until the operation is done, and raise if it
-times out or its communicator reports an error. And NCCL's watchdog ends the process on
+wait: the host would run on and block, with no bound, in its first copy back from the
+GPU. So every wait passes the timeout, which makes NCCL block the host until the
+operation is done, and raise if it times out or its communicator reports an error
+(torch's ``WorkNCCL::wait`` with a timeout). And NCCL's watchdog ends the process on
 such an error unless ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` is 0 when the process group is
 made: the links make their own groups under that setting (see ``_errors_raised_by_waits``).
 """

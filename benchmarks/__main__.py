@@ -1,7 +1,7 @@
 """One entry for every benchmark suite.
 
     python -m benchmarks                  every suite
-    python -m benchmarks speed [OPTIONS]  one suite (speed, plan, pipeline), with its own options
+    python -m benchmarks speed [OPTIONS]  one suite (speed, plan, pipeline, gpu), with its own options
     python -m benchmarks speed plan --quick
 
 Each suite is a module of this package with ``main(argv: list[str]) -> int``; the
@@ -16,6 +16,7 @@ SUITES = {
     "speed": "benchmarks.speed",
     "plan": "benchmarks.plan_quality",
     "pipeline": "benchmarks.pipeline_bench",
+    "gpu": "benchmarks.gpu",
 }
 
 

@@ -227,7 +227,7 @@ def test_random_llama_checkpoint_is_sharded_and_loads_in_transformers(tmp_path):
 
 
 def test_one_entry_knows_every_suite():
-    assert set(SUITES) == {"speed", "plan", "pipeline"}
+    assert set(SUITES) == {"speed", "plan", "pipeline", "gpu"}
 
 
 def test_a_run_of_transformers_cases_alone_still_has_their_rows():

@@ -11,12 +11,23 @@ posted its buffer, and when that happens late the sender's communication thread 
 up to answer, a round trip on every step while both cores compute. So every message of a
 micro-batch, the stop notice included, has the size its receiver posted for it, and a
 rank posts the receive of a micro-batch's next message as soon as the current one arrives.
-Every wait is bounded by the process group's timeout, and a peer that dies or stops
-answering becomes a :class:`PeerLostError` naming it.
+
+Every wait blocks this rank's thread for at most the pipeline's timeout, and a peer that
+dies or stops answering becomes a :class:`PeerLostError` naming it. Under NCCL that takes
+two things gloo does by itself. A plain ``wait()`` only makes the current CUDA stream
+wait: the host would run on and block, with no bound, in its first copy back from the
+GPU. So every wait passes the timeout, which makes NCCL block the host until the
+operation is done, and raise if it times out or its communicator reports an error
+(torch's ``WorkNCCL::wait`` with a timeout). And NCCL's watchdog ends the process on
+such an error unless ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` is 0 when the process group is
+made: the links make their own groups under that setting (see ``_errors_raised_by_waits``).
 """
 
 import math
+import os
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -29,6 +40,7 @@ _HIDDEN = 1
 _STOP = 0
 _HEADER_VALUES = 4  # kind, batch, tokens, hidden size
 _HEADER_BYTES = _HEADER_VALUES * 8
+_NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 
 
 class PeerLostError(PipelineError):
@@ -56,11 +68,14 @@ class StageLinks:
     is still on the wire; their buffers stay referenced until the send completes.
     Receives are posted ahead (``expect_hidden``, ``expect_tokens``) and completed in the
     order they were posted (``recv_hidden``, ``recv_tokens``), which is the order the peer
-    sends in. Tokens travel in their own process group: with NCCL, operations between one
-    pair of ranks are ordered on one stream, and with two stages hidden states (0 → 1) and
-    tokens (1 → 0) would otherwise queue behind each other. With a single stage the token
-    ring is a local queue. Every rank must create its links at the same point (the token
-    group is made collectively).
+    sends in. Every link has a process group of its own: each pair of neighbouring stages,
+    and the token pair. NCCL may run all the point-to-point operations of one group on one
+    stream, in the order they were issued (it does for a group made with a bound device):
+    in a shared group, a middle stage's receive, posted a pass ahead, would hold back its
+    send to the next stage, which that receive waits for around the ring; and with two
+    stages, hidden states (0 → 1) and tokens (1 → 0) would queue behind each other. With a
+    single stage the token ring is a local queue. Every rank must create its links at the
+    same point: the groups are made collectively, and each link opens with one message.
 
     >>> links = StageLinks(rank=0, world_size=1, device=torch.device("cpu"), timeout_s=60)
     >>> links.expect_tokens(2)
@@ -78,8 +93,14 @@ class StageLinks:
         self._posted_hidden: deque[_Posted] = deque()
         self._posted_tokens: deque[_Posted] = deque()
         self._local_tokens: deque[torch.Tensor] = deque()
-        timeout = timedelta(seconds=timeout_s)
-        self._token_group = dist.new_group([0, world_size - 1], timeout=timeout) if world_size > 1 else None
+        self._pair_groups: list[dist.ProcessGroup] = []  # group r links rank r to rank r + 1
+        self._token_group: dist.ProcessGroup | None = None
+        if world_size > 1:
+            timeout = timedelta(seconds=timeout_s)
+            with _errors_raised_by_waits():
+                self._pair_groups = [dist.new_group([r, r + 1], timeout=timeout) for r in range(world_size - 1)]
+                self._token_group = dist.new_group([0, world_size - 1], timeout=timeout)
+            self._open_links()
 
     @property
     def previous(self) -> int:
@@ -97,7 +118,7 @@ class StageLinks:
         """Send one micro-batch's hidden states [batch, tokens, hidden] to the next stage."""
         message = self._hidden_message(_HIDDEN, hidden.shape, hidden.dtype)
         _payload(message, hidden.shape, hidden.dtype).copy_(hidden)
-        self._send(message, self.next)
+        self._send(message, self.next, self._pair_groups[self.rank])
 
     def send_stop(self, batch: int, width: int, dtype: torch.dtype) -> None:
         """Tell the next stage that the micro-batch of ``batch`` rows it expects next has finished.
@@ -107,13 +128,13 @@ class StageLinks:
         """
         message = self._hidden_message(_STOP, (batch, 1, width), dtype)
         message[_HEADER_BYTES:].zero_()
-        self._send(message, self.next)
+        self._send(message, self.next, self._pair_groups[self.rank])
 
     def expect_hidden(self, batch: int, tokens: int, width: int, dtype: torch.dtype) -> None:
         """Post the receive of the previous stage's next hidden states [batch, tokens, width], or stop notice."""
         shape = (batch, tokens, width)
         message = self._new_message(shape, dtype)
-        work = self._post(message, self.previous, "hidden states")
+        work = self._post(message, self.previous, "hidden states", self._pair_groups[self.previous])
         self._posted_hidden.append(_Posted(work, message, shape, dtype))
 
     def recv_hidden(self) -> torch.Tensor | None:
@@ -173,35 +194,92 @@ class StageLinks:
     def _new_message(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(_HEADER_BYTES + math.prod(shape) * dtype.itemsize, dtype=torch.uint8, device=self.device)
 
-    def _send(self, tensor: torch.Tensor, peer: int, group: dist.ProcessGroup | None = None) -> None:
+    def _open_links(self) -> None:
+        """Open each link with one message, one pair of ranks at a time, in an order every rank agrees on.
+
+        NCCL makes the communicator of a pair of ranks, per process group, at the pair's
+        first send or receive, in a handshake that blocks the host until both ranks join it.
+        Left to the schedule, stage 0 would first wait for tokens from the last stage (token
+        group) while stage 1 first waits for hidden states from stage 0 (their pair's group):
+        each would sit in a handshake the other never joins. Here every rank opens the link from
+        its previous stage, then to its next, then the token pair: rank r meets r - 1 before
+        r + 1, and rank 0 has no one to meet before rank 1, so each handshake finds its peer.
+        """
+        for peer in (self.previous, self.next):
+            if 0 <= peer < self.world_size:
+                self._exchange(peer, self._pair_groups[min(self.rank, peer)])
+        if self.rank in (0, self.last):
+            self._exchange(self.last if self.rank == 0 else 0, self._token_group)
+
+    def _exchange(self, peer: int, group: dist.ProcessGroup) -> None:
+        """The lower rank of a pair sends the higher one a single value, and both wait for it."""
+        message = torch.zeros(1, dtype=torch.int64, device=self.device)
+        if self.rank < peer:
+            work = self._start(dist.isend, message, peer, group, "opening the link to")
+        else:
+            work = self._start(dist.irecv, message, peer, group, "opening the link from")
+        self._wait(work, peer, "opening the link with")
+
+    def _send(self, tensor: torch.Tensor, peer: int, group: dist.ProcessGroup) -> None:
         self._pending = [entry for entry in self._pending if not entry[0].is_completed()]
-        try:
-            work = dist.isend(tensor, peer, group=group)
-        except RuntimeError as error:
-            raise self._lost(peer, "sending to", error) from None
+        work = self._start(dist.isend, tensor, peer, group, "sending to")
         self._pending.append((work, peer, tensor))
 
-    def _post(self, tensor: torch.Tensor, peer: int, what: str, group: dist.ProcessGroup | None = None) -> dist.Work:
+    def _post(self, tensor: torch.Tensor, peer: int, what: str, group: dist.ProcessGroup) -> dist.Work:
+        return self._start(dist.irecv, tensor, peer, group, f"receiving {what} from")
+
+    def _start(self, operation: Callable, tensor: torch.Tensor, peer: int, group: dist.ProcessGroup, doing: str):
+        """Start one send or receive; every message of this rank goes through here."""
         try:
-            return dist.irecv(tensor, peer, group=group)
+            return operation(tensor, peer, group=group)
         except RuntimeError as error:
-            raise self._lost(peer, f"receiving {what} from", error) from None
+            raise peer_lost(self.rank, peer, doing, error, self.timeout_s) from None
 
     def _wait(self, work: dist.Work, peer: int, doing: str) -> None:
         try:
-            work.wait()
+            work.wait(timedelta(seconds=self.timeout_s))
         except RuntimeError as error:
-            raise self._lost(peer, doing, error) from None
+            raise peer_lost(self.rank, peer, doing, error, self.timeout_s) from None
 
-    def _lost(self, peer: int, doing: str, error: RuntimeError) -> PeerLostError:
-        text = str(error)
-        if "timed out" in text.lower():
-            reason = f"no answer within the {self.timeout_s:g} s timeout"
-        elif "closed" in text.lower() or "reset" in text.lower():
-            reason = "its connection closed, so it has stopped or died"
+
+def peer_lost(rank: int, peer: int, doing: str, error: RuntimeError, timeout_s: float) -> PeerLostError:
+    """The error that ends rank ``rank`` when an operation with ``peer`` failed with ``error``.
+
+    gloo says "Timed out waiting 3000ms", NCCL "ran for 3000 milliseconds before timing out".
+
+    >>> str(peer_lost(1, 0, "receiving hidden states from", RuntimeError("Timed out waiting 3000ms"), 3))
+    'rank 1 stopped while receiving hidden states from rank 0: no answer within the 3 s timeout'
+    """
+    text = str(error).lower()
+    if any(words in text for words in ("timed out", "timing out", "timeout")):
+        reason = f"no answer within the {timeout_s:g} s timeout"
+    elif any(words in text for words in ("closed", "reset", "remote process")):
+        reason = "its connection closed, so it has stopped or died"
+    else:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return PeerLostError(f"rank {rank} stopped while {doing} rank {peer}: {reason}", peer)
+
+
+@contextmanager
+def _errors_raised_by_waits() -> Iterator[None]:
+    """NCCL groups made inside leave a failed operation to the wait that asks for it.
+
+    ProcessGroupNCCL reads ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` when it is made. Its
+    default (3) has the watchdog thread end the process on a timed-out or failed
+    operation, with an abort that names no peer; 0 leaves the watchdog out, and the
+    host-blocking ``wait(timeout)`` then raises, after aborting the communicator itself.
+    The setting is restored afterwards, so other groups of the process keep theirs.
+    gloo does not read it.
+    """
+    previous = os.environ.get(_NCCL_ERROR_HANDLING)
+    os.environ[_NCCL_ERROR_HANDLING] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[_NCCL_ERROR_HANDLING]
         else:
-            reason = text.splitlines()[0] if text else type(error).__name__
-        return PeerLostError(f"rank {self.rank} stopped while {doing} rank {peer}: {reason}", peer)
+            os.environ[_NCCL_ERROR_HANDLING] = previous
 
 
 def _payload(message: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -11,15 +11,27 @@ is, so bringing it in is one asynchronous copy. A block on disk stays a view of 
 file; the prefetch thread gathers its pages into a pinned staging buffer, then one
 asynchronous copy uploads it. Host memory is pinned by registering plain allocations
 with CUDA, which (unlike pinned allocations) are not rounded up to a power of two.
+
+A streamer takes what the plan reserves for streaming: ``STREAM_COPIES`` slots of the
+largest streamed block on its GPU (plus up to 255 bytes of alignment per tensor), and
+for disk blocks as many pinned staging buffers in CPU memory. A deeper prefetch does
+not add slots: two already let block k+1 arrive while block k computes.
+
+Its buffers are ordinary tensors whatever the caller's mode: made inside
+``torch.inference_mode()`` they would be inference tensors, which the prefetch thread
+(outside inference mode, which is per thread) may not copy into. Before the streamer's
+slots and pinned buffers are freed, it waits for the copies still queued or running.
 """
 
 import weakref
 from collections.abc import Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..planning.ledger import STREAM_COPIES
 
 # Every tensor in a slot starts on this boundary, so vectorised kernels see aligned data.
 _ALIGN_BYTES = 256
@@ -36,6 +48,32 @@ class StreamedBlock:
     name: str
     parameters: tuple[tuple[dict, str], ...]
     pack: bool
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """The memory one streamer takes: ``count`` slots of ``slot_bytes`` on its GPU, each with
+    ``staging_bytes`` of pinned host memory (0 when no streamed block is on disk)."""
+
+    count: int
+    slot_bytes: int
+    staging_bytes: int
+
+
+def slot_layout(blocks: Sequence[StreamedBlock], slot_count: int) -> SlotLayout:
+    """The slots for ``blocks``: ``slot_count`` of them, but no more than the plan reserves or than blocks.
+
+    >>> layer = {"weight": torch.empty(1000)}
+    >>> slot_layout([StreamedBlock("layer", ((layer, "weight"),), pack=True)] * 3, slot_count=4)
+    SlotLayout(count=2, slot_bytes=4000, staging_bytes=0)
+    """
+    slot_bytes = max((_block_bytes(block) for block in blocks), default=0)
+    staging_bytes = slot_bytes if any(not block.pack for block in blocks) else 0
+    return SlotLayout(min(slot_count, STREAM_COPIES, len(blocks)), slot_bytes, staging_bytes)
+
+
+def _block_bytes(block: StreamedBlock) -> int:
+    return aligned_offsets([owner[key] for owner, key in block.parameters])[1]
 
 
 def aligned_offsets(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
@@ -56,7 +94,7 @@ class PinnedHostBuffer:
     """Plain host memory registered with CUDA, so copies from it to a GPU run asynchronously."""
 
     def __init__(self, size_bytes: int):
-        self.tensor = torch.empty(max(size_bytes, 1), dtype=torch.uint8)
+        self.tensor = _host_bytes(size_bytes)
         pointer = self.tensor.data_ptr()
         # cudaHostRegisterPortable: pinned for every GPU's context, not only the current one.
         error = int(torch.cuda.cudart().cudaHostRegister(pointer, self.tensor.nbytes, 1))
@@ -64,6 +102,12 @@ class PinnedHostBuffer:
             raise RuntimeError(f"CUDA could not pin {self.tensor.nbytes} bytes of host memory (cudaError {error})")
         # Unregistered before the memory goes: the finalizer runs before this object's tensor is dropped.
         weakref.finalize(self, _unregister, pointer)
+
+
+def _host_bytes(size_bytes: int) -> torch.Tensor:
+    """Plain CPU memory that any thread may write, whatever the caller's inference mode or default device."""
+    with torch.inference_mode(False):
+        return torch.empty(max(size_bytes, 1), dtype=torch.uint8, device="cpu")
 
 
 def _unregister(pointer: int) -> None:
@@ -98,10 +142,11 @@ class _Route:
 
 
 class AcceleratorStreamer:
-    """Streams the weights of offloaded blocks to one CUDA device through ``slot_count`` reused slots.
+    """Streams the weights of offloaded blocks to one CUDA device through reused slots.
 
-    The main thread calls ``prepare``, ``bind`` and ``unbind`` around a block's forward
-    and ``fetch_ahead`` for blocks to come; copies run on ``executor``'s thread.
+    ``slot_count`` slots are asked for and at most ``STREAM_COPIES`` are made (see
+    ``slot_layout``). The main thread calls ``prepare``, ``bind`` and ``unbind`` around a
+    block's forward and ``fetch_ahead`` for blocks to come; copies run on ``executor``'s thread.
 
     >>> streamer = AcceleratorStreamer("cuda:0", blocks, slot_count=2, executor=pool)  # doctest: +SKIP
     """
@@ -110,16 +155,14 @@ class AcceleratorStreamer:
         self.device = torch.device(device)
         self._executor = executor
         self._copy_stream = torch.cuda.Stream(self.device)
-        hosts = {block.name: [owner[key] for owner, key in block.parameters] for block in blocks}
-        sizes = {name: aligned_offsets(tensors)[1] for name, tensors in hosts.items()}
-        slot_bytes = max(sizes.values(), default=0)
-        staging_bytes = slot_bytes if any(not block.pack for block in blocks) else 0
-        slots = [_Slot(self.device, slot_bytes, staging_bytes) for _ in range(min(slot_count, len(blocks)))]
         self._keep: list[PinnedHostBuffer] = []
-        self._routes = {
-            block.name: self._route(block, slots[index % len(slots)], sizes[block.name])
-            for index, block in enumerate(blocks)
-        }
+        layout = slot_layout(blocks, slot_count)
+        with torch.inference_mode(False):
+            slots = [_Slot(self.device, layout.slot_bytes, layout.staging_bytes) for _ in range(layout.count)]
+            self._routes = {
+                block.name: self._route(block, slots[index % len(slots)]) for index, block in enumerate(blocks)
+            }
+        weakref.finalize(self, _finish_copies, self._copy_stream, slots, self._keep)
 
     def prepare(self, name: str) -> None:
         """Make sure block ``name``'s copy is under way; the block runs next."""
@@ -180,12 +223,10 @@ class AcceleratorStreamer:
                 slot.staged.record(self._copy_stream)
             slot.loaded.record(self._copy_stream)
 
-    def _route(self, block: StreamedBlock, slot: _Slot, size_bytes: int) -> _Route:
+    def _route(self, block: StreamedBlock, slot: _Slot) -> _Route:
+        offsets, size_bytes = aligned_offsets([owner[key] for owner, key in block.parameters])
+        packed = self._pack(block, offsets, size_bytes) if block.pack else None
         hosts = [owner[key] for owner, key in block.parameters]
-        offsets, _ = aligned_offsets(hosts)
-        packed = None
-        if block.pack:
-            packed, hosts = self._pack(hosts, offsets, size_bytes)
         staged = () if block.pack else tuple(
             (slot.staging[offset : offset + host.nbytes], _bytes_of(host))
             for host, offset in zip(hosts, offsets)
@@ -196,18 +237,46 @@ class AcceleratorStreamer:
             for (owner, key), host, offset in zip(block.parameters, hosts, offsets)
         )
         on_host = tuple((owner, key, host) for (owner, key), host in zip(block.parameters, hosts))
-        for owner, key, host in on_host:
-            owner[key] = host
         return _Route(slot, size_bytes, packed, staged, on_device, on_host)
 
-    def _pack(self, hosts: list[torch.Tensor], offsets: list[int], size_bytes: int):
+    def _pack(self, block: StreamedBlock, offsets: list[int], size_bytes: int) -> torch.Tensor:
         """Copy a CPU block into one pinned buffer laid out as its slot; the copies replace the originals."""
         buffer = PinnedHostBuffer(size_bytes)
         self._keep.append(buffer)
-        packed = [_parameter_view(buffer.tensor, offset, host) for host, offset in zip(hosts, offsets)]
-        for copy, host in zip(packed, hosts):
-            copy.data.copy_(host)
-        return buffer.tensor[:size_bytes], packed
+        _pack_into(buffer.tensor, block.parameters, offsets)
+        return buffer.tensor[:size_bytes]
+
+
+def _pack_into(buffer: torch.Tensor, parameters: Sequence[tuple[dict, str]], offsets: Sequence[int]) -> None:
+    """Copy each parameter ``owner[key]`` into ``buffer`` at its offset, and put the copy in its place.
+
+    One parameter at a time, keeping no other reference to it: each original is freed
+    (unless something else holds it) as soon as its copy replaces it, so packing a model's
+    CPU blocks never holds them twice.
+    """
+    for (owner, key), offset in zip(parameters, offsets):
+        copy = _parameter_view(buffer, offset, owner[key])
+        copy.data.copy_(owner[key])
+        owner[key] = copy
+
+
+def _finish_copies(copy_stream: torch.cuda.Stream, slots: list[_Slot], pinned: list[PinnedHostBuffer]) -> None:
+    """Wait until no copy writes into ``slots`` or reads from pinned memory; run as the streamer goes.
+
+    The copy thread only queues copies on the copy stream: were a slot freed meanwhile,
+    the caching allocator could hand its memory to a tensor of the compute stream while
+    the copy still writes into it, and an unregistered pinned buffer could be reused
+    while the copy still reads it. ``pinned`` (the packed blocks' host buffers) is only
+    held here, so that it is freed after the copies, whatever order the garbage
+    collector takes the streamer's parts in.
+    """
+    _wait_for([slot.copy for slot in slots])
+    copy_stream.synchronize()
+
+
+def _wait_for(copies: Sequence[Future | None]) -> None:
+    """Wait for every copy queued or running on the copy thread; their errors concern no one now."""
+    wait([copy for copy in copies if copy is not None])
 
 
 def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:

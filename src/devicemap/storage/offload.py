@@ -1,59 +1,56 @@
 """Files devicemap writes for weights offloaded to disk, in a folder of its own.
 
 devicemap writes weights only when it must: a dtype conversion, or a module that was in
-memory. Those tensors go, one block per safetensors file, into a fresh folder inside the
-caller's offload folder, named ``.devicemap-*.partial`` until complete and
-``devicemap-*`` after; they are then memory-mapped like any checkpoint. The folder goes
+memory. Those tensors go, one block per safetensors file named after the block, into a
+fresh folder inside the caller's offload folder, named ``.devicemap-*.partial`` until
+complete and ``devicemap-*`` after; they are then memory-mapped like any checkpoint. The folder goes
 away with the model that reads it (or at exit), and nothing else in the offload folder
 is ever written, renamed or removed.
 """
 
-import math
 import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ..errors import DeviceMapError
-from .safetensors_file import encode_header
-
-TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
-# A tensor, or consecutive flat pieces of it, each written before the next is asked for.
-Produced = torch.Tensor | Iterable[torch.Tensor]
+from .safetensors_file import Produced, TensorSpec, write_safetensors
 
 
 class OffloadFiles:
     """A folder of devicemap's own under ``parent`` (the system temp folder when ``None``), made on first write.
 
-    >>> files = OffloadFiles(Path("offload"))
-    >>> tensors = files.write_block("model.layers.3", specs, produce)  # doctest: +SKIP
-    >>> files.commit(model)  # doctest: +SKIP
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as parent:
+    ...     files = OffloadFiles(parent)
+    ...     mapped = files.write_block("head", [("weight", torch.float32, (2, 2))], lambda name: torch.ones(2, 2))
+    ...     files.commit(mapped["weight"]).name.startswith("devicemap-")
+    True
     """
 
     def __init__(self, parent: str | Path | None):
         self.parent = Path(parent).expanduser() if parent is not None else Path(tempfile.gettempdir())
         self.folder: Path | None = None
         self._created_parents: list[Path] = []
-        self._files = 0
         self._lock = threading.Lock()
 
     def write_block(
         self, block: str, specs: Sequence[TensorSpec], produce: Callable[[str], Produced]
     ) -> dict[str, torch.Tensor]:
-        """Write one block's tensors, made one at a time by ``produce(name)``, and map them back.
+        """Write block ``block``'s tensors, made one at a time by ``produce(name)``, and map them back.
 
-        Returns the tensors as CPU views of the new file: nothing of them stays in process
-        memory. Threads may write different blocks at once.
+        ``specs`` and ``produce`` are as for ``write_safetensors``. Returns the tensors as
+        CPU views of the new file: nothing of them stays in process memory. Threads may
+        write different blocks at once.
         """
         with self._lock:
-            path = self._folder() / f"block-{self._files:05d}.safetensors"
-            self._files += 1
-        write_streamed(path, specs, produce, block)
+            path = self._folder() / f"block-{block}.safetensors"
+        write_safetensors(path, specs, produce)
         with safe_open(str(path), framework="pt") as mapped:
             return {name: mapped.get_tensor(name) for name, _, _ in specs}
 
@@ -91,42 +88,3 @@ class OffloadFiles:
                 "offload_folder on a disk this process can write"
             ) from None
         return self.folder
-
-
-def write_streamed(
-    path: Path, specs: Sequence[TensorSpec], produce: Callable[[str], Produced], block: str = ""
-) -> None:
-    """Write a safetensors file whose tensors ``specs`` announces, asking ``produce`` for one at a time.
-
-    ``produce(name)`` gives the tensor, or consecutive flat pieces of it; each is written
-    before the next is asked for, so the producer may reuse one buffer for them all, and
-    memory holds at most one tensor however large the block. Wider dtypes come first,
-    so every tensor starts at a multiple of its element size and maps without a copy.
-
-    >>> ones = lambda name: torch.ones(2, 2, dtype=torch.bfloat16)
-    >>> write_streamed(Path("block.safetensors"), [("w", torch.bfloat16, (2, 2))], ones)  # doctest: +SKIP
-    """
-    ordered = sorted(specs, key=lambda spec: -spec[1].itemsize)
-    header, _ = encode_header(ordered)
-    with path.open("wb") as stream:
-        stream.write(header)
-        for name, dtype, shape in ordered:
-            pieces = produce(name)
-            if isinstance(pieces, torch.Tensor):
-                if tuple(pieces.shape) != tuple(shape):
-                    raise _unannounced(block, name, f"{pieces.dtype} {list(pieces.shape)}", dtype, shape)
-                pieces = (pieces,)
-            elements = 0
-            for piece in pieces:
-                if piece.dtype != dtype:
-                    raise _unannounced(block, name, f"{piece.dtype} pieces", dtype, shape)
-                stream.write(memoryview(piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
-                elements += piece.numel()
-            if elements != math.prod(shape):
-                raise _unannounced(block, name, f"{elements} elements", dtype, shape)
-
-
-def _unannounced(block: str, name: str, came: str, dtype: torch.dtype, shape: tuple[int, ...]) -> DeviceMapError:
-    return DeviceMapError(
-        f"block {block!r}: tensor {name!r} came as {came} where {dtype} {list(shape)} was announced"
-    )

@@ -102,8 +102,6 @@ class AcceleratorStreamer:
 
     The main thread calls ``prepare``, ``bind`` and ``unbind`` around a block's forward
     and ``fetch_ahead`` for blocks to come; copies run on ``executor``'s thread.
-
-    >>> streamer = AcceleratorStreamer("cuda:0", blocks, slot_count=2, executor=pool)  # doctest: +SKIP
     """
 
     def __init__(self, device: str, blocks: Sequence[StreamedBlock], slot_count: int, executor: Executor):

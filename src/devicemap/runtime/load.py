@@ -50,6 +50,7 @@ def _frees_on_failure(function):
 @_frees_on_failure
 def load(
     model: str | os.PathLike,
+    *,
     device_map: str | DeviceLike | Mapping[str, DeviceLike] | Plan = "auto",
     max_memory: Mapping[DeviceLike, int | str] | str | None = None,
     dtype: torch.dtype | str | None = None,
@@ -59,7 +60,6 @@ def load(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: bool | None = None,
-    *,
     prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
     disk_resident_bytes: int | None = None,
 ) -> PreTrainedModel:

@@ -80,8 +80,8 @@ def load(
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     LlamaForCausalLM(config).save_pretrained(folder)
     ...     model = load(folder, device_map={"": "cpu", "model.layers.1": "disk"}, offload_folder=folder)
-    ...     model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, do_sample=False).shape
-    torch.Size([1, 5])
+    ...     model(torch.tensor([[1, 2, 3]])).logits.shape
+    torch.Size([1, 3, 16])
     """
     check_prefetch_depth(prefetch_depth)
     checkpoint = open_checkpoint(Path(model), allow_pickle=allow_pickle)

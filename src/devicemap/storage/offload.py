@@ -3,9 +3,9 @@
 devicemap writes weights only when it must: a dtype conversion, or a module that was in
 memory. Those tensors go, one block per safetensors file named after the block, into a
 fresh folder inside the caller's offload folder, named ``.devicemap-*.partial`` until
-complete and ``devicemap-*`` after; they are then memory-mapped like any checkpoint. The folder goes
-away with the model that reads it (or at exit), and nothing else in the offload folder
-is ever written, renamed or removed.
+complete and ``devicemap-*`` after; they are then memory-mapped like any checkpoint.
+The folder goes away with the model that reads it (or at exit), and nothing else in the
+offload folder is ever written, renamed or removed.
 """
 
 import shutil

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from devicemap.planning.ledger import price_units
 from devicemap.model.profile import Block, Profile
+from devicemap.planning.ledger import price_units
 from devicemap.workload import Workload
 
 # Powers of two keep sliding-window shares (window / max_tokens) exact in floating point,

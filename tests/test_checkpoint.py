@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from devicemap.storage.checkpoint import open_checkpoint
 from devicemap.errors import CheckpointError
+from devicemap.storage.checkpoint import open_checkpoint
 from devicemap.storage.safetensors_file import read_safetensors_header
 from devicemap.storage.shards import write_sharded
 

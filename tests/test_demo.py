@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from devicemap.errors import DeviceMapError
 from devicemap.storage.checkpoint import open_checkpoint
 from devicemap.storage.demo import CACHE_ENV, cache_dir, demo_model_path
-from devicemap.errors import DeviceMapError
 
 
 def test_the_cache_folder_is_under_the_home_unless_the_environment_names_one(monkeypatch, tmp_path):

@@ -15,11 +15,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import devicemap
+from devicemap.planning.plan import Placement
 from devicemap.runtime.dispatch import _Prefetcher, dispatch, is_dispatched, remove_dispatch
 from devicemap.runtime.load import load
 from devicemap.runtime.moving import moved
 from devicemap.runtime.paging import HostPager, PageRange, page_ranges
-from devicemap.planning.plan import Placement
 from devicemap.runtime.streaming import aligned_offsets
 
 gpu = pytest.mark.gpu

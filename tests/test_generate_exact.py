@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 import devicemap
-from devicemap.runtime.load import load
 from devicemap.planning.planner import STRATEGIES
+from devicemap.runtime.load import load
 from devicemap.workload import Workload
 
 NEW_TOKENS = 8
@@ -95,7 +95,7 @@ def test_every_strategy_that_must_offload_generates_the_plain_models_tokens(
     everything = devicemap.plan(llama, "cpu", workload=WORKLOAD).ledger
     cpu = next(row for row in everything if row.device == "cpu")
     budget = cpu.used_bytes - cpu.weight_bytes // 2
-    model = load(llama, strategy, max_memory={"cpu": budget}, workload=WORKLOAD, offload_folder=tmp_path)
+    model = load(llama, device_map=strategy, max_memory={"cpu": budget}, workload=WORKLOAD, offload_folder=tmp_path)
     assert "disk" in devices_used(model)
     assert torch.equal(greedy(model, prompt()), llama_tokens)
 

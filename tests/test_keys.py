@@ -3,8 +3,8 @@ import torch
 from models import random_config
 from transformers import AutoModelForCausalLM, BertForMaskedLM, GPT2LMHeadModel, T5ForConditionalGeneration
 
-from devicemap.storage.checkpoint import open_checkpoint
 from devicemap.errors import CheckpointError
+from devicemap.storage.checkpoint import open_checkpoint
 from devicemap.storage.keys import ShapeMismatch, check_keys, compare_keys
 
 

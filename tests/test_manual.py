@@ -2,8 +2,8 @@ import pytest
 from full_size import full_profile
 
 from devicemap.errors import DeviceMapError, DeviceNotFoundError, DoesNotFitError
-from devicemap.planning.planner import make_plan
 from devicemap.model.profile import Block, Profile
+from devicemap.planning.planner import make_plan
 from devicemap.workload import Workload
 
 GiB = 2**30

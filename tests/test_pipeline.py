@@ -19,13 +19,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
 
-from devicemap.planning.api import profile_of
 from devicemap.errors import DoesNotFitError, PipelineError
-from devicemap.pipeline import Pipeline, plan_stages
-from devicemap.runtime.prompts import tokenize
-from devicemap.pipeline.stage_model import build_stage
-from devicemap.planning.stages import parse_rank_budgets, split_stages
 from devicemap.model.profile import Block, Profile
+from devicemap.pipeline import Pipeline, plan_stages
+from devicemap.pipeline.stage_model import build_stage
+from devicemap.planning.api import profile_of
+from devicemap.planning.stages import parse_rank_budgets, split_stages
+from devicemap.runtime.prompts import tokenize
 from devicemap.storage.shards import write_sharded
 from devicemap.workload import Workload
 

@@ -6,9 +6,9 @@ from full_size import full_profile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devicemap.model.profile import Block, Profile, profile_config
 from devicemap.planning.plan import Placement, Plan
 from devicemap.planning.planner import STRATEGIES, make_plan
-from devicemap.model.profile import Block, Profile, profile_config
 from devicemap.workload import Workload
 
 GiB = 2**30

@@ -1,9 +1,6 @@
 import math
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from brute_force import (
     best_split_by_dp,
     compute_devices,
@@ -13,13 +10,16 @@ from brute_force import (
     spreads,
     stream_room,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from synthetic import cases
+
 from devicemap.devices import is_accelerator
 from devicemap.errors import DeviceMapError, DoesNotFitError
+from devicemap.model.profile import Block, Profile
 from devicemap.planning.ledger import price_units
 from devicemap.planning.planner import STRATEGIES, make_plan
-from devicemap.model.profile import Block, Profile
 from devicemap.workload import Workload
-from synthetic import cases
 
 GiB = 2**30
 SETTINGS = settings(max_examples=60, deadline=None)

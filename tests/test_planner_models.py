@@ -7,8 +7,6 @@ dynamic program over every contiguous split, independent of the planner's search
 import math
 
 import pytest
-from full_size import FULL_SIZE, full_profile
-
 from brute_force import (
     best_split_by_dp,
     compute_devices,
@@ -18,6 +16,8 @@ from brute_force import (
     spreads,
     tiers_can_store,
 )
+from full_size import FULL_SIZE, full_profile
+
 from devicemap.devices import device_order, is_accelerator
 from devicemap.errors import DoesNotFitError
 from devicemap.planning.ledger import price_units

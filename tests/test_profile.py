@@ -14,7 +14,6 @@ from transformers import BertConfig, BertModel
 from devicemap.errors import CheckpointError
 from devicemap.model.profile import profile_config, profile_module
 
-
 # Sizes
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from devicemap.storage.checkpoint import open_checkpoint
 from devicemap.errors import CheckpointError
-from devicemap.storage.safetensors_file import read_safetensors_header, write_safetensors
+from devicemap.storage.checkpoint import open_checkpoint
+from devicemap.storage.safetensors_file import read_safetensors_header, specs_of, write_safetensors
 from devicemap.storage.shards import write_sharded
 
 
@@ -22,14 +22,15 @@ def _mixed_tensors() -> dict[str, torch.Tensor]:
 
 def test_a_written_file_reads_back_equal_with_safetensors_itself(tmp_path):
     tensors = _mixed_tensors()
-    write_safetensors(tmp_path / "mixed.safetensors", tensors)
+    write_safetensors(tmp_path / "mixed.safetensors", specs_of(tensors), tensors.__getitem__)
     loaded = load_file(tmp_path / "mixed.safetensors")
     assert loaded.keys() == tensors.keys()
     assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
 
 
 def test_every_tensor_starts_at_a_multiple_of_its_element_size(tmp_path):
-    write_safetensors(tmp_path / "mixed.safetensors", _mixed_tensors())
+    tensors = _mixed_tensors()
+    write_safetensors(tmp_path / "mixed.safetensors", specs_of(tensors), tensors.__getitem__)
     for info in read_safetensors_header(tmp_path / "mixed.safetensors").values():
         assert info.start_byte % info.dtype.itemsize == 0, info.name
 
@@ -75,5 +76,5 @@ def test_more_shards_than_tensors_gives_one_shard_per_tensor(tmp_path):
 
 def test_a_dtype_safetensors_cannot_store_is_an_error_naming_the_tensor(tmp_path):
     with pytest.raises(CheckpointError, match="tensor 'phase' has dtype torch.complex64"):
-        write_safetensors(tmp_path / "x.safetensors", {"phase": torch.ones(2, dtype=torch.complex64)})
+        write_safetensors(tmp_path / "x.safetensors", [("phase", torch.complex64, (2,))], lambda name: torch.ones(2))
     assert not (tmp_path / "x.safetensors").exists()

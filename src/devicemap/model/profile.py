@@ -134,6 +134,33 @@ def profile_config(
     return replace(profile, name=(path.parent if path.is_file() else path).name)
 
 
+def names_per_tensor(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, ...]]:
+    """The names of each distinct tensor of ``named``, in the order first seen.
+
+    A tensor reached under several names (tied weights) is one entry with all its names.
+    Tensors are told apart by identity: one object, or views of the same elements
+    (``state_dict()`` gives each name an object of its own). Meta and empty tensors have
+    no elements to compare, so for them only one object is one tensor.
+
+    >>> embedding, head = nn.Embedding(4, 2), nn.Linear(2, 4, bias=False)
+    >>> head.weight = embedding.weight
+    >>> names_per_tensor(nn.Sequential(embedding, head).state_dict().items())
+    [('0.weight', '1.weight')]
+    """
+    # Holding every tensor keeps an id from being reused by another one meanwhile.
+    held = list(named)
+    groups: dict[object, list[str]] = {}
+    for name, tensor in held:
+        groups.setdefault(_identity(tensor), []).append(name)
+    return [tuple(names) for names in groups.values()]
+
+
+def _identity(tensor: torch.Tensor) -> object:
+    if tensor.is_meta or not tensor.numel():
+        return id(tensor)
+    return (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+
+
 @dataclass(frozen=True)
 class _Unit:
     """A block in the making: a module with all its tensors, or only the tensors it holds itself."""
@@ -222,22 +249,21 @@ def _fp32_pattern(module: nn.Module, load_dtype: torch.dtype | None) -> re.Patte
 def _size_units(units: list[_Unit], tensor_bytes) -> tuple[list[tuple[int, int, tuple[str, ...]]], tuple]:
     """Per unit (weight bytes, buffer bytes, tensor names), and the groups of units sharing a tensor.
 
-    Tensors are told apart by identity: one reached under several names (tied weights)
-    counts once, in the first unit that holds it.
+    A tensor reached under several names (tied weights) counts once, in the first unit that holds it.
     """
-    holders: dict[int, dict[int, None]] = {}
-    sizes = []
-    for index, unit in enumerate(units):
-        byte_counts = {True: 0, False: 0}
-        names = []
-        for name, tensor, is_parameter in unit.named_tensors():
-            names.append(name)
-            holding = holders.setdefault(id(tensor), {})
-            if not holding:
-                byte_counts[is_parameter] += tensor_bytes(name, tensor)
-            holding[index] = None
-        sizes.append((byte_counts[True], byte_counts[False], tuple(names)))
-    return sizes, _tie_groups([list(holding) for holding in holders.values()], [unit.name for unit in units])
+    tensors = [list(unit.named_tensors()) for unit in units]
+    home = {name: (index, tensor, parameter) for index, held in enumerate(tensors) for name, tensor, parameter in held}
+    byte_counts = [{True: 0, False: 0} for _ in units]
+    holdings = []
+    for names in names_per_tensor((name, tensor) for name, (_, tensor, _) in home.items()):
+        index, tensor, is_parameter = home[names[0]]
+        byte_counts[index][is_parameter] += tensor_bytes(names[0], tensor)
+        holdings.append(list(dict.fromkeys(home[name][0] for name in names)))
+    sizes = [
+        (counts[True], counts[False], tuple(name for name, _, _ in held))
+        for counts, held in zip(byte_counts, tensors, strict=True)
+    ]
+    return sizes, _tie_groups(holdings, [unit.name for unit in units])
 
 
 def _tie_groups(holdings: list[list[int]], names: list[str]) -> tuple[tuple[str, ...], ...]:

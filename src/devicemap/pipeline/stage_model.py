@@ -27,17 +27,15 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DummyLayer, DynamicSlidingWindowLayer
 
-from ..errors import PipelineError
-from ..model.profile import Block, Profile
+from ..errors import CheckpointError, PipelineError
 from ..model.skeleton import build_on_meta, config_dtype, load_config
-from ..planning.plan import Placement, Plan
+from ..planning.plan import Placement
 from ..runtime.dispatch import attach
-from ..runtime.paging import file_backed, page_ranges
+from ..runtime.materialize import CheckpointTensors, PlacedBlock, block_tensors, materialize
 from ..runtime.sliding import trim_windows_after
 from ..storage.checkpoint import Checkpoint, open_checkpoint
-from ..storage.offload import OffloadFiles
-from ..workload import Workload, dtype_name
-from .tensors import read_stage_state
+from ..storage.keys import KeyReport, compare_keys
+from ..storage.sources import SourceMap, map_sources
 
 # Decoder-only architectures whose base model is exactly embed_tokens → layers → norm and
 # whose causal LM is exactly lm_head(hidden states): models that scale embeddings inside
@@ -68,12 +66,7 @@ class StageLayout:
 
 
 class StageModel:
-    """A rank's stage, ready to run micro-batches; see the module docstring.
-
-    >>> stage = build_stage("smollm2", ("lm_head", "model.norm"), torch.device("cpu"))  # doctest: +SKIP
-    >>> stage.forward(hidden, mask, positions, stage.new_cache()).shape  # doctest: +SKIP
-    torch.Size([4, 49152])
-    """
+    """A rank's stage, ready to run micro-batches; see the module docstring and ``build_stage``."""
 
     def __init__(self, model: PreTrainedModel, layout: StageLayout, device: torch.device):
         self.model = model
@@ -148,27 +141,34 @@ def build_stage(
     Only the stage's tensors are read from the checkpoint, lazily, so host memory stays
     near the stage's own size.
 
-    >>> blocks = ("model.embed_tokens", "model.layers.0")
-    >>> stage = build_stage(demo_model_path(), blocks, torch.device("cpu"), offloaded={"model.layers.0": "disk"})  # doctest: +SKIP
+    >>> import tempfile
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+    ...                      num_attention_heads=2)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     LlamaForCausalLM(config).save_pretrained(folder)
+    ...     last = ("model.layers.1", "model.norm", "lm_head")
+    ...     stage = build_stage(folder, last, torch.device("cpu"), offloaded={"model.layers.1": "disk"})
+    ...     hidden = torch.zeros(1, 3, 8)
+    ...     stage.forward(hidden, None, torch.arange(3)[None], stage.new_cache()).shape
+    torch.Size([1, 16])
     """
     checkpoint = open_checkpoint(folder)
     config = load_config(checkpoint.folder)
     check_supported(config)
-    offloaded = dict(offloaded or {})
-    model = build_on_meta(config, dtype or config_dtype(config)).eval()
+    load_dtype = dtype or config_dtype(config)
+    model = build_on_meta(config, load_dtype).eval()
     layout = _layout_of(model, blocks)
     _drop_other_stages(model, layout)
-    files = OffloadFiles(offload_folder)
-    try:
-        _load_tensors(model, checkpoint, layout, device, offloaded, files)
-        files.commit(model)
-    except BaseException:
-        files.discard()
-        raise
+    placed = _stage_blocks(model, layout, device, offloaded or {})
+    sources = map_sources(model, checkpoint.shapes)
+    _check_stage_tensors(checkpoint, sources, model, placed)
+    tensors = CheckpointTensors(checkpoint, sources, model, load_dtype)
+    materialize(placed, tensors, offload_folder=offload_folder, owner=model)
     _rebuild_buffers(model, device)
-    _require_materialized(model, layout)
+    _require_materialized(model, placed)
     if offloaded:
-        attach(model, _local_plan(model, layout, device, offloaded))
+        attach(model, placed)
     return StageModel(model, layout, device)
 
 
@@ -247,56 +247,34 @@ def _stage_modules(model: PreTrainedModel, layout: StageLayout) -> dict[str, nn.
     return {name_of[id(module)]: module for module in chosen}
 
 
-def _load_tensors(
-    model: PreTrainedModel,
-    checkpoint: Checkpoint,
-    layout: StageLayout,
-    device: torch.device,
-    offloaded: Mapping[str, str],
-    files: OffloadFiles,
-) -> None:
-    """Assign the stage's tensors from the checkpoint: each straight onto ``device``, or kept on its tier."""
-    state = {}
-    for prefix, module in _stage_modules(model, layout).items():
-        names = [f"{prefix}.{name}" for name in module.state_dict()]
-        tier = offloaded.get(prefix)
-        block_state = read_stage_state(model, checkpoint, names, torch.device("cpu") if tier else device)
-        if tier == "disk":
-            block_state = _on_disk(prefix, block_state, files)
-        state.update(block_state)
-    model.load_state_dict(state, strict=False, assign=True)
-
-
-def _on_disk(block: str, state: dict[str, torch.Tensor], files: OffloadFiles) -> dict[str, torch.Tensor]:
-    """The block's tensors as file mappings: the checkpoint's own, or written once converted."""
-    converted = {name: tensor for name, tensor in state.items() if not file_backed(page_ranges([tensor]))}
-    if not converted:
-        return state
-    specs = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in converted.items()]
-    mapped = files.write_block(block, specs, converted.__getitem__)
-    # Tied aliases share one tensor, so they follow it by identity.
-    by_identity = {id(converted[name]): mapped[name] for name in converted}
-    return {name: by_identity.get(id(tensor), tensor) for name, tensor in state.items()}
-
-
-def _local_plan(
+def _stage_blocks(
     model: PreTrainedModel, layout: StageLayout, device: torch.device, offloaded: Mapping[str, str]
-) -> Plan:
-    """The stage's placement for ``dispatch.attach``: offloaded blocks kept on their tier, computed on ``device``."""
+) -> list[PlacedBlock]:
+    """The stage's modules as placed blocks in execution order: computing on ``device``, offloaded on their tier."""
     compute = str(device) if device.type == "cpu" or device.index is not None else f"{device.type}:0"
     order = {name: index for index, (name, _) in enumerate(model.named_modules())}
-    modules = dict(sorted(_stage_modules(model, layout).items(), key=lambda item: order[item[0]]))
-    blocks = tuple(
-        Block(name, 0, tensor_names=tuple(f"{name}.{key}" for key, _ in _own_tensors(module)))
-        for name, module in modules.items()
+    modules = sorted(_stage_modules(model, layout).items(), key=lambda item: order[item[0]])
+    return [
+        PlacedBlock(Placement(name, offloaded.get(name, compute), compute), module, block_tensors(module, name))
+        for name, module in modules
+    ]
+
+
+def _check_stage_tensors(
+    checkpoint: Checkpoint, sources: SourceMap, model: PreTrainedModel, blocks: list[PlacedBlock]
+) -> None:
+    """Refuse a checkpoint that lacks a tensor of this stage or holds one of another shape; others' do not count."""
+    names = {tensor.name for block in blocks for tensor in block.tensors}
+    report = compare_keys(sources.found_shapes, model)
+    stage = KeyReport(
+        missing=tuple(name for name in report.missing if name in names),
+        mismatched=tuple(mismatch for mismatch in report.mismatched if mismatch.name in names),
     )
-    profile = Profile(type(model).__name__, dtype_name(model.dtype), blocks)
-    placements = tuple(Placement(name, offloaded.get(name, compute), compute) for name in modules)
-    return Plan(profile, Workload(), (), "pipeline stage", placements)
-
-
-def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [*module.named_parameters(), *module.named_buffers()]
+    if not stage.ok:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.folder} does not match its config for this pipeline stage: "
+            f"{'; '.join(stage.describe().splitlines())}; the weights and config.json must come from the same model"
+        )
 
 
 def _rebuild_buffers(model: PreTrainedModel, device: torch.device) -> None:
@@ -306,15 +284,11 @@ def _rebuild_buffers(model: PreTrainedModel, device: torch.device) -> None:
     decoder.rotary_emb = type(rotary)(config=rotary.config).to(device)
 
 
-def _require_materialized(model: PreTrainedModel, layout: StageLayout) -> None:
+def _require_materialized(model: PreTrainedModel, blocks: list[PlacedBlock]) -> None:
     """Fail clearly, before any request, if a tensor the stage computes with was never loaded."""
-    modules = {**_stage_modules(model, layout), "rotary_emb": model.get_decoder().rotary_emb}
-    left = [
-        f"{prefix}.{name}"
-        for prefix, module in modules.items()
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]
-        if tensor.is_meta
-    ]
+    tensors = [tensor for block in blocks for tensor in block.tensors]
+    tensors += block_tensors(model.get_decoder().rotary_emb, "rotary_emb")
+    left = [tensor.name for tensor in tensors if tensor.value.is_meta]
     if left:
         raise PipelineError(
             f"{len(left)} tensor(s) of this stage are neither in the checkpoint nor computed at build time: "

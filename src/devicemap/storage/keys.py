@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import CheckpointError
+from ..model.profile import names_per_tensor
 
 _SHOWN_PER_LIST = 10
 
@@ -57,8 +58,8 @@ def compare_keys(found_shapes: Mapping[str, Sequence[int]], model: nn.Module) ->
     checkpoint holds, names matching the model's ``_keys_to_ignore_on_load_missing``
     or ``_keys_to_ignore_on_load_unexpected``, and non-persistent buffers.
 
-    >>> compare_keys(open_checkpoint(folder).shapes, model).missing  # doctest: +SKIP
-    ()
+    >>> compare_keys({"weight": (3, 2), "scale": (3,)}, nn.Linear(2, 3))
+    KeyReport(missing=('bias',), unexpected=('scale',), mismatched=())
     """
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict(keep_vars=True).items()}
     tied_partners = _tied_partners(model)
@@ -94,8 +95,11 @@ def check_keys(
 
     ``source`` names the checkpoint in the message (e.g. its folder).
 
-    >>> check_keys(checkpoint.shapes, model, source=str(checkpoint.folder)).ok  # doctest: +SKIP
-    True
+    >>> check_keys({"weight": (3, 2)}, nn.Linear(2, 3), source="linear.safetensors")
+    Traceback (most recent call last):
+    devicemap.errors.CheckpointError: linear.safetensors does not match Linear:
+    1 missing (the model has them, the checkpoint does not): bias
+    ...
     """
     report = compare_keys(found_shapes, model)
     if report.ok:
@@ -109,13 +113,10 @@ def check_keys(
 
 def _tied_partners(model: nn.Module) -> dict[str, set[str]]:
     """Map each name of a shared tensor to the other names it shares it with."""
-    groups: dict[int, set[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), set()).add(name)
     partners: dict[str, set[str]] = {}
-    for names in groups.values():
+    for names in names_per_tensor(model.state_dict(keep_vars=True).items()):
         for name in names:
-            partners.setdefault(name, set()).update(names - {name})
+            partners.setdefault(name, set()).update(set(names) - {name})
     # transformers declares ties (target -> source) that a model built on meta may not have applied.
     for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         partners.setdefault(target, set()).add(source)

@@ -1,8 +1,8 @@
 """Files devicemap writes for weights offloaded to disk, in a folder of its own.
 
 devicemap writes weights only when it must: a dtype conversion, or a module that was in
-memory. Those tensors go, one block per safetensors file, into a fresh folder inside the
-caller's offload folder, named ``.devicemap-*.partial`` until complete and
+memory. Those tensors go, one block per safetensors file named after the block, into a
+fresh folder inside the caller's offload folder, named ``.devicemap-*.partial`` until complete and
 ``devicemap-*`` after; they are then memory-mapped like any checkpoint. The folder goes
 away with the model that reads it (or at exit). A process that is killed cannot remove
 its folder, so each folder records its owner, and the next process to write into the
@@ -11,7 +11,6 @@ offload folder is ever written, renamed or removed.
 """
 
 import errno
-import math
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ import stat
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,23 +28,23 @@ from safetensors import safe_open
 from ..errors import DeviceMapError
 from ..units import format_size
 from .owner import RECORD_NAME, Owner, is_gone, read_owner, write_owner
-from .safetensors_file import encode_header
+from .safetensors_file import Produced, TensorSpec, file_bytes, write_safetensors
 
-TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
 # Names OffloadFiles gives its folders (tempfile.mkdtemp's random part between the affixes).
 _FOLDER_NAME = re.compile(r"\.devicemap-[a-z0-9_]+\.partial|devicemap-[a-z0-9_]+")
 # Out of space, or out of the user's quota on it.
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-# A tensor, or consecutive flat pieces of it, each written before the next is asked for.
-Produced = torch.Tensor | Iterable[torch.Tensor]
 
 
 class OffloadFiles:
     """A folder of devicemap's own under ``parent`` (the system temp folder when ``None``), made on first write.
 
-    >>> files = OffloadFiles(Path("offload"))
-    >>> tensors = files.write_block("model.layers.3", specs, produce)  # doctest: +SKIP
-    >>> files.commit(model)  # doctest: +SKIP
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as parent:
+    ...     files = OffloadFiles(parent)
+    ...     mapped = files.write_block("head", [("weight", torch.float32, (2, 2))], lambda name: torch.ones(2, 2))
+    ...     files.commit(mapped["weight"]).name.startswith("devicemap-")
+    True
     """
 
     def __init__(self, parent: str | Path | None):
@@ -59,17 +58,18 @@ class OffloadFiles:
     def write_block(
         self, block: str, specs: Sequence[TensorSpec], produce: Callable[[str], Produced]
     ) -> dict[str, torch.Tensor]:
-        """Write one block's tensors, made one at a time by ``produce(name)``, and map them back.
+        """Write block ``block``'s tensors, made one at a time by ``produce(name)``, and map them back.
 
-        Returns the tensors as CPU views of the new file: nothing of them stays in process
-        memory. Threads may write different blocks at once.
+        ``specs`` and ``produce`` are as for ``write_safetensors``. Returns the tensors as
+        CPU views of the new file: nothing of them stays in process memory. Threads may
+        write different blocks at once.
         """
         with self._lock:
             self._files += 1
-            self._needed_bytes += _file_bytes(specs)
-            path = self._folder() / f"block-{self._files - 1:05d}.safetensors"
+            self._needed_bytes += file_bytes(specs)
+            path = self._folder() / f"block-{block}.safetensors"
         try:
-            write_streamed(path, specs, produce, block)
+            write_safetensors(path, specs, produce)
         except OSError as error:
             if error.errno not in _DISK_FULL:
                 raise
@@ -216,46 +216,3 @@ def _bytes_in(folder: Path) -> int:
             total += info.st_size if stat.S_ISREG(info.st_mode) else 0
     return total
 
-
-def _file_bytes(specs: Sequence[TensorSpec]) -> int:
-    header, data_bytes = encode_header(specs)
-    return len(header) + data_bytes
-
-
-def write_streamed(
-    path: Path, specs: Sequence[TensorSpec], produce: Callable[[str], Produced], block: str = ""
-) -> None:
-    """Write a safetensors file whose tensors ``specs`` announces, asking ``produce`` for one at a time.
-
-    ``produce(name)`` gives the tensor, or consecutive flat pieces of it; each is written
-    before the next is asked for, so the producer may reuse one buffer for them all, and
-    memory holds at most one tensor however large the block. Wider dtypes come first,
-    so every tensor starts at a multiple of its element size and maps without a copy.
-
-    >>> ones = lambda name: torch.ones(2, 2, dtype=torch.bfloat16)
-    >>> write_streamed(Path("block.safetensors"), [("w", torch.bfloat16, (2, 2))], ones)  # doctest: +SKIP
-    """
-    ordered = sorted(specs, key=lambda spec: -spec[1].itemsize)
-    header, _ = encode_header(ordered)
-    with path.open("wb") as stream:
-        stream.write(header)
-        for name, dtype, shape in ordered:
-            pieces = produce(name)
-            if isinstance(pieces, torch.Tensor):
-                if tuple(pieces.shape) != tuple(shape):
-                    raise _unannounced(block, name, f"{pieces.dtype} {list(pieces.shape)}", dtype, shape)
-                pieces = (pieces,)
-            elements = 0
-            for piece in pieces:
-                if piece.dtype != dtype:
-                    raise _unannounced(block, name, f"{piece.dtype} pieces", dtype, shape)
-                stream.write(memoryview(piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
-                elements += piece.numel()
-            if elements != math.prod(shape):
-                raise _unannounced(block, name, f"{elements} elements", dtype, shape)
-
-
-def _unannounced(block: str, name: str, came: str, dtype: torch.dtype, shape: tuple[int, ...]) -> DeviceMapError:
-    return DeviceMapError(
-        f"block {block!r}: tensor {name!r} came as {came} where {dtype} {list(shape)} was announced"
-    )

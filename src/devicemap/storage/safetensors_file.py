@@ -2,19 +2,20 @@
 
 A file is an 8-byte little-endian header length, a JSON header naming each tensor's
 dtype, shape and byte range, then the tensors' bytes. Reading checks the header
-against the file's size before any tensor is touched; writing streams one tensor
-at a time, so it needs no second copy of them in memory.
+against the file's size before any tensor is touched; writing streams one tensor, or
+one piece of it, at a time, so it needs no second copy of them in memory. Checkpoint
+shards and offload files are both written here.
 """
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DeviceMapError
 
 # safetensors itself refuses headers above 100 MB; a larger length means a corrupt file.
 _MAX_HEADER_BYTES = 100 * 2**20
@@ -36,6 +37,9 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
+# A tensor, or consecutive flat pieces of it, each written before the next is asked for.
+Produced = torch.Tensor | Iterable[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,12 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     The file's size is checked against every offset the header declares before any
     tensor is read, so a truncated download is an error here, not a crash later.
 
-    >>> read_safetensors_header(Path("model.safetensors"))["lm_head.weight"].shape  # doctest: +SKIP
-    (49152, 576)
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder, "model.safetensors")
+    ...     _ = write_safetensors(path, [("head.weight", torch.float32, (8, 4))], lambda name: torch.ones(8, 4))
+    ...     read_safetensors_header(path)["head.weight"].shape
+    (8, 4)
     """
     file_bytes = path.stat().st_size
     if file_bytes < 8:
@@ -129,28 +137,64 @@ def _corrupt(path: Path, reason: str) -> CheckpointError:
     )
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
-    """Write ``tensors`` to the safetensors file ``path`` and return its size in bytes.
+def write_safetensors(path: Path, specs: Sequence[TensorSpec], produce: Callable[[str], Produced]) -> int:
+    """Write the safetensors file ``path`` of the tensors ``specs`` announces; return its size in bytes.
 
-    Wider dtypes come first in the file, so every tensor's data starts at a multiple
-    of its element size and can be memory-mapped as it is.
+    ``produce(name)`` gives tensor ``name``, or consecutive flat pieces of it; each is
+    written before the next is asked for, so a producer may reuse one buffer for them all
+    and memory holds at most one tensor, however many the file has. Wider dtypes come
+    first, so every tensor starts at a multiple of its element size and maps as it is.
 
-    >>> write_safetensors(Path("block.safetensors"), {"weight": torch.ones(2, 2)})  # doctest: +SKIP
-    120
+    >>> import tempfile
+    >>> tensors = {"weight": torch.ones(2, 2), "ids": torch.arange(3)}
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     write_safetensors(Path(folder, "block.safetensors"), specs_of(tensors), tensors.__getitem__)
+    200
     """
-    ordered = sorted(tensors.items(), key=lambda item: -item[1].dtype.itemsize)
-    header, data_bytes = encode_header([(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in ordered])
+    ordered = sorted(specs, key=lambda spec: -spec[1].itemsize)
+    header, data_bytes = _encode_header(ordered)
     with path.open("wb") as stream:
         stream.write(header)
-        for _, tensor in ordered:
-            stream.write(_as_bytes(tensor))
+        for name, dtype, shape in ordered:
+            pieces = produce(name)
+            if isinstance(pieces, torch.Tensor):
+                if tuple(pieces.shape) != tuple(shape):
+                    raise _unannounced(path, name, f"{pieces.dtype} {list(pieces.shape)}", dtype, shape)
+                pieces = (pieces,)
+            elements = 0
+            for piece in pieces:
+                if piece.dtype != dtype:
+                    raise _unannounced(path, name, f"{piece.dtype} pieces", dtype, shape)
+                flat = piece.detach().to("cpu").contiguous().reshape(-1)
+                stream.write(memoryview(flat.view(torch.uint8).numpy()))
+                elements += piece.numel()
+            if elements != math.prod(shape):
+                raise _unannounced(path, name, f"{elements} elements", dtype, shape)
     return len(header) + data_bytes
 
 
-def encode_header(specs: Sequence[tuple[str, torch.dtype, Sequence[int]]]) -> tuple[bytes, int]:
+def specs_of(tensors: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
+    """What ``write_safetensors`` announces for ``tensors``: each one's name, dtype and shape.
+
+    >>> specs_of({"weight": torch.ones(2, 3)})
+    [('weight', torch.float32, (2, 3))]
+    """
+    return [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
+
+
+def file_bytes(specs: Sequence[TensorSpec]) -> int:
+    """The size in bytes of the file ``write_safetensors`` writes for ``specs``.
+
+    >>> file_bytes([("w", torch.float32, (2, 2))])
+    112
+    """
+    header, data_bytes = _encode_header(specs)
+    return len(header) + data_bytes
+
+def _encode_header(specs: Sequence[TensorSpec]) -> tuple[bytes, int]:
     """The length-prefixed header for tensors stored in the order given, and their data's size in bytes.
 
-    >>> encode_header([("w", torch.float32, (2, 2))])[1]
+    >>> _encode_header([("w", torch.float32, (2, 2))])[1]
     16
     """
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
@@ -171,6 +215,5 @@ def encode_header(specs: Sequence[tuple[str, torch.dtype, Sequence[int]]]) -> tu
     return len(encoded).to_bytes(8, "little") + encoded, offset_bytes
 
 
-def _as_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+def _unannounced(path: Path, name: str, came: str, dtype: torch.dtype, shape: Sequence[int]) -> DeviceMapError:
+    return DeviceMapError(f"{path}: tensor {name!r} came as {came} where {dtype} {list(shape)} was announced")

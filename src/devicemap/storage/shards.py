@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..model.profile import names_per_tensor
 from .checkpoint import SAFETENSORS_INDEX
-from .safetensors_file import write_safetensors
+from .safetensors_file import specs_of, write_safetensors
 
 # Shard names follow transformers' pattern, so its from_pretrained reads our folders.
 _SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
@@ -24,39 +25,29 @@ def write_sharded(folder: Path, tensors: Mapping[str, torch.Tensor], shard_count
     plain ``model.safetensors``. A tensor saved under several names (tied weights) is
     written once, under its first name, as transformers does. Returns the files.
 
-    >>> write_sharded(Path("out"), model.state_dict(), shard_count=4)[0].name  # doctest: +SKIP
-    'model-00001-of-00004.safetensors'
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     [path.name for path in write_sharded(Path(folder), {"a": torch.ones(2), "b": torch.ones(2)}, 2)]
+    ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
     """
-    unique = _drop_repeated_tensors(tensors)
+    unique = {names[0]: tensors[names[0]] for names in names_per_tensor(tensors.items())}
     if shard_count < 1:
         raise CheckpointError(f"shard count {shard_count} must be at least 1")
     groups = _split_by_bytes(list(unique), unique, max(min(shard_count, len(unique)), 1))
     if len(groups) == 1:
         path = folder / "model.safetensors"
-        write_safetensors(path, unique)
+        _write(path, unique)
         return (path,)
     paths = tuple(folder / _SHARD_NAME.format(index=i + 1, count=len(groups)) for i in range(len(groups)))
-    total_bytes = sum(
-        write_safetensors(path, {name: unique[name] for name in names})
-        for path, names in zip(paths, groups, strict=True)
-    )
+    total_bytes = sum(_write(path, {name: unique[name] for name in names}) for path, names in zip(paths, groups))
     weight_map = {name: path.name for path, names in zip(paths, groups, strict=True) for name in names}
     index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return paths
 
 
-def _drop_repeated_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    kept: dict[str, torch.Tensor] = {}
-    seen: set[tuple] = set()
-    for name, tensor in tensors.items():
-        identity = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
-        # Empty tensors can share a null data pointer without being the same tensor.
-        if tensor.numel() and identity in seen:
-            continue
-        seen.add(identity)
-        kept[name] = tensor
-    return kept
+def _write(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
+    return write_safetensors(path, specs_of(tensors), tensors.__getitem__)
 
 
 def _split_by_bytes(names: list[str], tensors: Mapping[str, torch.Tensor], count: int) -> list[list[str]]:

@@ -13,12 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-try:
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
-except ImportError:  # transformers 4 keeps tensors under their checkpoint names
-    get_model_conversion_mapping = None
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
 
 @dataclass(frozen=True)
@@ -63,12 +59,11 @@ class SourceMap:
 def map_sources(model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> SourceMap:
     """Match a checkpoint's tensors (name → shape) to ``model``'s state_dict.
 
-    >>> sources = map_sources(skeleton, checkpoint.shapes).sources  # doctest: +SKIP
-    >>> sources["model.layers.0.mlp.experts.down_proj"].keys[:1]  # doctest: +SKIP
-    ('model.layers.0.mlp.experts.0.down_proj.weight',)
+    >>> map_sources(nn.Linear(2, 3), {"weight": (3, 2), "bias": (3,)}).sources["weight"]
+    Source(target='weight', keys=('weight',), converter=None, patterns=())
     """
     expected = model.state_dict(keep_vars=True)
-    if get_model_conversion_mapping is None or not hasattr(model, "base_model_prefix"):
+    if not hasattr(model, "base_model_prefix"):
         sources = {key: Source(key, (key,)) for key in shapes if key in expected}
         return SourceMap(sources, dict(shapes))
     rules = get_model_conversion_mapping(model, None, None)

@@ -20,6 +20,7 @@ from types import MappingProxyType
 import torch
 
 from ..errors import CheckpointError
+from ..units import first_of
 from .safetensors_file import TensorInfo, read_safetensors_header
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -360,7 +361,7 @@ def _require_indexed_tensors(index_path: Path, lacking: list[str]) -> None:
     if lacking:
         raise CheckpointError(
             f"index {index_path} names {len(lacking)} tensor(s) that their shard does not hold: "
-            f"{_list(lacking)}. The index and the shards come from different saves; fetch them again together"
+            f"{first_of(lacking, 10)}. The index and the shards come from different saves; fetch them again together"
         )
 
 
@@ -368,7 +369,3 @@ def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
-
-def _list(names: list[str], limit: int = 10) -> str:
-    shown = ", ".join(names[:limit])
-    return f"{shown} … and {len(names) - limit} more" if len(names) > limit else shown

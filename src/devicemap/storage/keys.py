@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..model.profile import names_per_tensor
+from ..units import first_of
 
 _SHOWN_PER_LIST = 10
 
@@ -48,7 +49,7 @@ class KeyReport:
             (self.unexpected, "unexpected (the checkpoint has them, the model does not)"),
             (shapes, "with another shape"),
         ]
-        return "\n".join(f"{len(items)} {what}: {_cut(items)}" for items, what in problems if items)
+        return "\n".join(f"{len(items)} {what}: {first_of(items, _SHOWN_PER_LIST)}" for items, what in problems if items)
 
 
 def compare_keys(found_shapes: Mapping[str, Sequence[int]], model: nn.Module) -> KeyReport:
@@ -135,8 +136,3 @@ def _non_persistent_buffers(model: nn.Module) -> set[str]:
 def _matches_any(name: str, patterns: Iterable[str] | None) -> bool:
     return any(re.search(pattern, name) for pattern in patterns or ())
 
-
-def _cut(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_SHOWN_PER_LIST])
-    rest = len(items) - _SHOWN_PER_LIST
-    return f"{shown} … and {rest} more" if rest > 0 else shown

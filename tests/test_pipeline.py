@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
 
-from devicemap.planning.api import profile_of
+from devicemap.runtime.api import profile_of
 from devicemap.errors import DoesNotFitError, PipelineError
 from devicemap.pipeline import Pipeline, plan_stages
 from devicemap.pipeline.requests import tokenize

@@ -1,6 +1,7 @@
 """The devicemap command line: a thin shell over the public API.
 
     devicemap plan MODEL --max-memory 0=24GiB,1=24GiB,cpu=64GiB --strategy auto --batch-size 4 --max-tokens 8192
+    devicemap plan ORG/NAME --revision main --quantize 4bit --max-memory 0=24GiB,1=24GiB
     devicemap generate [MODEL] "What is machine learning?" --device-map auto --max-new-tokens 50
 """
 
@@ -22,6 +23,9 @@ _STRATEGY_HELP = (
     "or a JSON file holding a manual map or a saved plan"
 )
 
+# --quantize values: bitsandbytes settings, as transformers' BitsAndBytesConfig takes them.
+_QUANTIZE = {"4bit": {"load_in_4bit": True}, "8bit": {"load_in_8bit": True}}
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
@@ -42,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     plan = commands.add_parser("plan", help="plan where each part of a model goes; loads nothing")
-    plan.add_argument("model", help="model folder or config.json")
+    plan.add_argument("model", help="model folder, config.json, or Hub id ORG/NAME")
+    plan.add_argument("--revision", help="branch, tag or commit of a Hub id (default: main)")
+    plan.add_argument(
+        "--quantize", choices=sorted(_QUANTIZE), help="plan it quantized while loading, by bitsandbytes"
+    )
     plan.add_argument("--strategy", default="auto", help=_STRATEGY_HELP)
     _add_placement_options(plan)
     plan.add_argument("--batch-size", type=int, default=1, help="sequences at once (default 1)")
@@ -88,11 +96,16 @@ def _device_map_argument(value: str):
 
 
 def _run_plan(args) -> int:
-    from .planning.api import plan
+    from transformers import BitsAndBytesConfig
+
+    from .runtime.api import plan
 
     workload = Workload(args.batch_size, args.max_tokens, args.kv_dtype)
     if args.pipeline:
         from .pipeline.api import plan_stages
+
+        if args.quantize or args.revision:
+            raise DeviceMapError("--pipeline plans a local model as it is stored; drop --quantize and --revision")
 
         stages = plan_stages(
             args.model,
@@ -113,6 +126,8 @@ def _run_plan(args) -> int:
         workload=workload,
         offload=not args.no_offload,
         offload_folder=args.offload_folder,
+        quantization_config=BitsAndBytesConfig(**_QUANTIZE[args.quantize]) if args.quantize else None,
+        revision=args.revision,
     )
     print(result.to_json() if args.json else result)
     return 0

@@ -69,7 +69,7 @@ def plan_stages(
 
     >>> print(plan_stages("smollm2", 2, max_memory="0=1GiB,1=2GiB"))  # doctest: +SKIP
     """
-    from ..planning.api import profile_of
+    from ..runtime.api import profile_of
 
     kind = _device_kind(device, stages)
     budgets = _rank_budgets(max_memory, stages, kind)

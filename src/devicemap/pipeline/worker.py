@@ -148,7 +148,7 @@ def _environment_ranks(spec: WorkerSpec) -> tuple[int, int, int]:
 
 def _plan_together(spec: WorkerSpec, device: torch.device) -> StagePlan:
     """Every rank shares its budget and computes the same plan from the same numbers."""
-    from ..planning.api import profile_of
+    from ..runtime.api import profile_of
 
     gathered = _gather_memory(_local_memory(device, spec.offload_folder), spec.stages, device)
     budgets = [budget for budget, _, _ in gathered]

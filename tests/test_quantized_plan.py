@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from header_checkpoints import awq_tensors, write_header_folder
 from models import save_random_model
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
@@ -20,7 +21,6 @@ from devicemap.cli import main
 from devicemap.errors import CheckpointError, DeviceMapError
 from devicemap.storage.checkpoint import open_checkpoint
 from devicemap.storage.safetensors_file import read_safetensors_header
-from devicemap.storage.shards import write_sharded
 
 BNB_CONFIGS = {
     "4bit-nf4-double": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
@@ -60,9 +60,11 @@ def test_bitsandbytes_plan_matches_the_loaded_model_block_by_block(llama_bf16, n
     loaded = AutoModelForCausalLM.from_pretrained(
         llama_bf16, quantization_config=quantization, device_map="cpu", dtype=torch.bfloat16
     )
-    for block in planned.profile.blocks:
+    in_memory = devicemap.plan(loaded, "cpu", max_memory=CPU).profile.blocks
+    for block, loaded_block in zip(planned.profile.blocks, in_memory, strict=True):
         held = held_bytes(loaded.get_submodule(block.name))
         assert block.weight_bytes + block.buffer_bytes == pytest.approx(held, rel=0.01), block.name
+        assert loaded_block.weight_bytes + loaded_block.buffer_bytes == held, block.name
 
 
 def test_a_four_bit_plan_is_a_fraction_of_the_dense_one_but_keeps_embeddings_and_head_whole(llama_bf16):
@@ -78,36 +80,13 @@ def test_a_four_bit_plan_is_a_fraction_of_the_dense_one_but_keeps_embeddings_and
             assert block.weight_bytes == by_name[block.name], block.name
 
 
-def write_awq_folder(folder: Path, layers: int = 2, hidden: int = 64, intermediate: int = 128) -> Path:
-    """A Llama folder stored as AWQ 4-bit GEMM does: int32 qweight [in, out/8], qzeros, float16 scales."""
+def write_awq_folder(folder: Path) -> Path:
+    """A small Llama folder stored as AWQ 4-bit GEMM stores it; the files are sparse, the headers real."""
     config = LlamaConfig(
-        vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, dtype="float16", quantization_config=AWQ_CONFIG,
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, dtype="float16", quantization_config=AWQ_CONFIG,
     )  # fmt: skip
-    head_dim = hidden // config.num_attention_heads
-    kv = config.num_key_value_heads * head_dim
-    linears = {
-        "self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, kv), "self_attn.v_proj": (hidden, kv),
-        "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (hidden, intermediate),
-        "mlp.up_proj": (hidden, intermediate), "mlp.down_proj": (intermediate, hidden),
-    }  # fmt: skip
-    tensors = {
-        "model.embed_tokens.weight": torch.zeros(256, hidden, dtype=torch.float16),
-        "model.norm.weight": torch.ones(hidden, dtype=torch.float16),
-        "lm_head.weight": torch.zeros(256, hidden, dtype=torch.float16),
-    }
-    for layer in range(layers):
-        prefix = f"model.layers.{layer}"
-        tensors[f"{prefix}.input_layernorm.weight"] = torch.ones(hidden, dtype=torch.float16)
-        tensors[f"{prefix}.post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.float16)
-        for name, (inputs, outputs) in linears.items():
-            tensors[f"{prefix}.{name}.qweight"] = torch.zeros(inputs, outputs // 8, dtype=torch.int32)
-            tensors[f"{prefix}.{name}.qzeros"] = torch.zeros(inputs // AWQ_GROUP, outputs // 8, dtype=torch.int32)
-            tensors[f"{prefix}.{name}.scales"] = torch.ones(inputs // AWQ_GROUP, outputs, dtype=torch.float16)
-    folder.mkdir(parents=True)
-    write_sharded(folder, tensors, shard_count=2)
-    config.save_pretrained(folder)
-    return folder
+    return write_header_folder(folder, config, awq_tensors(config, AWQ_GROUP), shards=2)
 
 
 def header_bytes_by_block(folder: Path, block_names: list[str]) -> dict[str, int]:

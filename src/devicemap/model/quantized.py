@@ -8,6 +8,7 @@ device, so their bytes once loaded are computed here from bitsandbytes' own layo
 """
 
 import copy
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,7 +93,9 @@ def quantized_tensor_bytes(tensor: torch.Tensor) -> int | None:
 
 
 def _four_bit_bytes(parameter) -> int:
-    values = parameter.numel()
+    """Before quantization (on the meta device) the parameter has its dense shape; after, its state does."""
+    state = parameter.quant_state
+    values = math.prod(state.shape) if state is not None else parameter.numel()
     storage_bytes = parameter.quant_storage.itemsize
     packed_bytes = (values + 1) // (2 * storage_bytes) * storage_bytes
     blocks = -(-values // (parameter.blocksize or _FOUR_BIT_BLOCK))

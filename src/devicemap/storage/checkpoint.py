@@ -151,7 +151,7 @@ def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False) -> Checkp
 def folder_tensors(folder: Path) -> Mapping[str, TensorInfo] | None:
     """The safetensors tensors of a model folder, from headers; ``None`` when it holds no safetensors weights.
 
-    >>> folder_tensors(Path("config-only-folder")) is None  # doctest: +SKIP
+    >>> folder_tensors(Path("/")) is None
     True
     """
     if (folder / SAFETENSORS_INDEX).is_file() or any(folder.glob("*.safetensors")):

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -40,8 +41,8 @@ def resolve_model(model: ModelReference, revision: str | None = None) -> Resolve
     A path that exists is local (a folder, or a config.json alone); otherwise ``ORG/NAME`` is
     a Hub id, read at ``revision``. Nothing but config.json and headers is read.
 
-    >>> resolve_model("meta-llama/Llama-3.1-405B").tensors["lm_head.weight"].shape  # doctest: +SKIP
-    (128256, 16384)
+    >>> resolve_model(PretrainedConfig()).tensors is None
+    True
     """
     if isinstance(model, PretrainedConfig):
         _refuse_revision(revision, "a config object")
@@ -60,8 +61,8 @@ def resolve_model(model: ModelReference, revision: str | None = None) -> Resolve
 def model_folder(model: str | os.PathLike, revision: str | None = None) -> Path:
     """The local folder to load ``model`` from: a folder as it is, a Hub id fetched into the Hugging Face cache.
 
-    >>> model_folder("HuggingFaceTB/SmolLM2-135M").parts[-2]  # doctest: +SKIP
-    'snapshots'
+    >>> model_folder("/")
+    PosixPath('/')
     """
     path = Path(model)
     if not path.exists() and is_hub_id(str(model)):
@@ -73,8 +74,10 @@ def model_folder(model: str | os.PathLike, revision: str | None = None) -> Path:
 def checkpoint_layout(model: nn.Module, tensors: Mapping[str, TensorInfo]) -> StoredLayout:
     """How ``tensors`` (a checkpoint's, by its names) lay out under ``model``'s names, by transformers' rules.
 
-    >>> checkpoint_layout(skeleton, open_checkpoint(folder).tensors).extra  # doctest: +SKIP
-    {'model.layers.0.self_attn.q_proj.qweight': StoredTensor(dtype=torch.int32, numel=2097152), ...}
+    >>> packed = {"weight": TensorInfo("weight", Path("w"), torch.int8, (2, 2)),
+    ...           "weight_scale": TensorInfo("weight_scale", Path("w"), torch.float32, (2,))}
+    >>> checkpoint_layout(nn.Linear(2, 2), packed).extra
+    {'weight_scale': StoredTensor(dtype=torch.float32, numel=2)}
     """
     sources = map_sources(model, {name: info.shape for name, info in tensors.items()}).sources
     held = {

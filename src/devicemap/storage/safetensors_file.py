@@ -27,7 +27,6 @@ _DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
     "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
     "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
-    "F8_E8M0": torch.float8_e8m0fnu,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
@@ -38,10 +37,13 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+# MXFP4 scales, where this torch has their dtype.
+if hasattr(torch, "float8_e8m0fnu"):
+    _DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 # 4-bit floats (MXFP4 and NVFP4 packs) count values in the header's shape, two to a byte;
-# torch holds them as pairs, so the last dimension halves.
-_PACKED_PAIRS = {"F4": torch.float4_e2m1fn_x2}
+# torch (where it has the dtype) holds them as pairs, so the last dimension halves.
+_PACKED_PAIRS = {"F4": torch.float4_e2m1fn_x2} if hasattr(torch, "float4_e2m1fn_x2") else {}
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,18 @@ def test_a_config_declaring_4bit_over_dense_weights_names_a_tensor(tmp_path):
         devicemap.plan(folder, "cpu", max_memory=CPU)
 
 
+def test_a_config_only_fp8_plan_uses_the_quantizer_layout_even_on_a_machine_without_fp8_kernels():
+    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, dtype="bfloat16")  # fmt: skip
+    fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    quantized = devicemap.plan(LlamaConfig(**shape, quantization_config=fp8), "cpu", max_memory=CPU).profile.blocks
+    dense = devicemap.plan(LlamaConfig(**shape), "cpu", max_memory=CPU).profile.blocks
+    linear_values = 2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 512
+    block_scales = (2 * 2 * 2 + 2 * 2 * 1 + 3 * 2 * 4) * 4
+    assert quantized[1].weight_bytes == linear_values + block_scales + 2 * 256 * 2
+    assert quantized[0].weight_bytes == dense[0].weight_bytes
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is not None, reason="the AWQ library is installed")
 def test_a_config_only_awq_plan_without_its_library_names_the_pip_package(tmp_path):
     folder = write_awq_folder(tmp_path / "llama-awq")

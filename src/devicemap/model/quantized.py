@@ -122,12 +122,16 @@ def _require_library(quantization: dict | QuantizationConfigMixin, pre_quantized
 
     Its check also refuses machines without the accelerator the method runs on, which a
     plan for another machine must not, and may switch the config to dequantizing: so it
-    runs on a copy, and only its ImportError counts.
+    runs on a copy, its warnings about this machine are silenced, and only its ImportError counts.
     """
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
         _quantizer(quantization, pre_quantized).validate_environment(device_map=None, weights_only=True)
     except (RuntimeError, ValueError):
         pass
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 @contextmanager

@@ -37,8 +37,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .speed_checkpoints import cache_folder, demo_source, layer_bytes, layer_count, tinyllama_model
 from .speed_cases import layer_map
+from .speed_checkpoints import cache_folder, demo_source, layer_bytes, layer_count, tinyllama_model
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "RESULT "

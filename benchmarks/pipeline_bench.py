@@ -38,9 +38,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from devicemap.storage.demo import demo_model_path
 from devicemap.pipeline import Pipeline
 from devicemap.runtime.prompts import tokenize
+from devicemap.storage.demo import demo_model_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_OVER_ONE_AT_A_TIME = 1.6

@@ -27,11 +27,11 @@ from transformers import PretrainedConfig
 from benchmarks.plan_reference import Optimum, best_split, placements_of, transformers_device_map
 from benchmarks.published_configs import PUBLISHED
 from devicemap.errors import DoesNotFitError
+from devicemap.model.profile import Profile, profile_config
+from devicemap.model.skeleton import build_on_meta
 from devicemap.planning.ledger import price_units
 from devicemap.planning.plan import Plan
 from devicemap.planning.planner import make_plan
-from devicemap.model.profile import Profile, profile_config
-from devicemap.model.skeleton import build_on_meta
 from devicemap.workload import Workload
 
 GiB = 2**30

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from devicemap.devices import is_accelerator
+from devicemap.model.profile import Profile
 from devicemap.planning.ledger import Unit
 from devicemap.planning.plan import Placement
-from devicemap.model.profile import Profile
 
 STREAM_COPIES = 2  # an offloaded block computing while the next one arrives
 

@@ -57,7 +57,7 @@ import torch, torch.distributed as dist
 from devicemap.pipeline.schedule import Request, run_request
 from devicemap.pipeline.stage_model import build_stage
 from devicemap.pipeline.wire import StageLinks
-from devicemap.planning.api import profile_of
+from devicemap.runtime.api import profile_of
 from devicemap.planning.stages import split_stages
 
 

@@ -23,8 +23,8 @@ from devicemap.errors import DoesNotFitError, PipelineError
 from devicemap.model.profile import Block, Profile
 from devicemap.pipeline import Pipeline, plan_stages
 from devicemap.pipeline.stage_model import build_stage
-from devicemap.planning.api import profile_of
 from devicemap.planning.stages import parse_rank_budgets, split_stages
+from devicemap.runtime.api import profile_of
 from devicemap.runtime.prompts import tokenize
 from devicemap.storage.shards import write_sharded
 from devicemap.workload import Workload

@@ -1,8 +1,8 @@
 """devicemap: run models too big for one device across every device of a machine."""
 
 from .errors import CheckpointError, DeviceMapError, DeviceNotFoundError, DoesNotFitError, PipelineError
-from .planning.api import plan
 from .planning.plan import Plan
+from .runtime.api import plan
 from .runtime.dispatch import dispatch, remove_dispatch
 from .runtime.load import load
 from .workload import Workload

@@ -1,6 +1,7 @@
 """The devicemap command line: a thin shell over the public API.
 
     devicemap plan MODEL --max-memory 0=24GiB,1=24GiB,cpu=64GiB --strategy auto --batch-size 4 --max-tokens 8192
+    devicemap plan ORG/NAME --revision main --quantize 4bit --max-memory 0=24GiB,1=24GiB
     devicemap generate [MODEL] "What is machine learning?" --device-map auto --max-new-tokens 50
     devicemap clean [FOLDER] [--yes]
 """
@@ -15,14 +16,14 @@ from pathlib import Path
 import psutil
 import torch
 from rich.console import Console
-from transformers import AutoTokenizer, TextStreamer
+from transformers import AutoTokenizer, BitsAndBytesConfig, TextStreamer
 
 from .errors import DeviceMapError
 from .model.skeleton import load_config
 from .pipeline.api import Pipeline, generate_as_rank, plan_stages
 from .pipeline.requests import special_tokens
-from .planning.api import plan
 from .planning.plan import Plan
+from .runtime.api import plan
 from .runtime.load import load
 from .runtime.prompts import tokenize
 from .storage.demo import demo_model_path
@@ -34,6 +35,9 @@ _STRATEGY_HELP = (
     "auto, balanced, balanced_low_0, sequential, one device (0, cuda:1, cpu), "
     "or a JSON file holding a manual map or a saved plan"
 )
+
+# --quantize values: bitsandbytes settings, as transformers' BitsAndBytesConfig takes them.
+_QUANTIZE = {"4bit": {"load_in_4bit": True}, "8bit": {"load_in_8bit": True}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     plan_command = commands.add_parser("plan", help="plan where each part of a model goes; loads nothing")
-    plan_command.add_argument("model", help="model folder or config.json")
+    plan_command.add_argument("model", help="model folder, config.json, or Hub id ORG/NAME")
+    plan_command.add_argument("--revision", help="branch, tag or commit of a Hub id (default: main)")
+    plan_command.add_argument(
+        "--quantize", choices=sorted(_QUANTIZE), help="plan it quantized while loading, by bitsandbytes"
+    )
     plan_command.add_argument("--strategy", default="auto", help=_STRATEGY_HELP)
     _add_placement_options(plan_command)
     plan_command.add_argument("--batch-size", type=int, default=1, help="sequences at once (default 1)")
@@ -108,9 +116,15 @@ def _device_map_argument(value: str):
 def _run_plan(args) -> int:
     workload = Workload(args.batch_size, args.max_tokens, args.kv_dtype)
     if args.pipeline:
+        if args.quantize or args.revision:
+            raise DeviceMapError("--pipeline plans a local model as it is stored; drop --quantize and --revision")
         print(plan_stages(args.model, args.pipeline, workload=workload, **_placement(args)))
         return 0
-    result = plan(args.model, _device_map_argument(args.strategy), workload=workload, **_placement(args))
+    quantization = BitsAndBytesConfig(**_QUANTIZE[args.quantize]) if args.quantize else None
+    result = plan(
+        args.model, _device_map_argument(args.strategy), workload=workload, quantization_config=quantization,
+        revision=args.revision, **_placement(args),
+    )  # fmt: skip
     print(result.to_json() if args.json else result)
     return 0
 

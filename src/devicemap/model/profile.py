@@ -7,18 +7,21 @@ Everything the planner needs about a model and nothing else, so that planning a
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..workload import dtype_bytes, dtype_name
 from .activation import activation_values_per_token
 from .cache_size import BlockCache, block_caches
-from .skeleton import build_on_meta, config_dtype, load_config
+from .quantized import quantize_on_meta, quantized_tensor_bytes
+from .skeleton import build_on_meta, load_config, load_dtype_of
+from .stored import StoredLayout, StoredTensor, counted_layout
 
 # Config fields that bound the positions a model can attend to, in order of preference.
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
@@ -81,12 +84,19 @@ class Profile:
 
 
 def profile_module(
-    module: nn.Module, dtype: torch.dtype | str | None = None, no_split: Iterable[str] | None = None
+    module: nn.Module,
+    dtype: torch.dtype | str | None = None,
+    no_split: Iterable[str] | None = None,
+    stored: StoredLayout | None = None,
 ) -> Profile:
     """The blocks of any module, on any device (meta included), as the planner sees them.
 
     ``dtype`` is the load dtype of floating-point tensors (``None``: as they are now);
     ``no_split`` names module classes never to split (default: the model's ``_no_split_modules``).
+    ``stored`` is what the checkpoint holds: a tensor stored packed is sized as stored, and
+    when the config declares quantization the tensors the dense model lacks (packed
+    weights, scales, zero points) count in the block whose name prefixes theirs, in place
+    of the dense weights they replace.
 
     >>> profile = profile_module(nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 100)), "bfloat16")
     >>> [(block.name, block.weight_bytes) for block in profile.blocks]
@@ -96,7 +106,10 @@ def profile_module(
     config = _text_config(module)
     head = _output_embeddings(module)
     units = _units(module, _no_split_names(module, no_split))
-    sizes, tied = _size_units(units, _tensor_sizer(module, load_dtype if dtype is not None else None))
+    counted = counted_layout(module, stored) if stored is not None else None
+    sizes, tied = _size_units(units, _tensor_sizer(module, load_dtype if dtype is not None else None, counted))
+    if counted is not None:
+        sizes = _add_extra(units, sizes, counted.extra)
     caches = block_caches(module, [unit.whole_module for unit in units])
     activations = _activation_bytes(units, config, head, load_dtype)
     head_block = _head_block(module, head, units)
@@ -116,18 +129,22 @@ def profile_config(
     model: str | os.PathLike | PretrainedConfig,
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
+    quantization: QuantizationConfigMixin | None = None,
 ) -> Profile:
     """A model's profile from its config alone: the skeleton is built on the meta device, no weights read.
 
     ``model`` is a model folder, a bare config.json, or a config object; ``dtype`` ``None``
-    means the config's dtype, else float32.
+    means the config's dtype, else float32. A quantization the config declares, or
+    ``quantization`` to quantize while loading (bitsandbytes), is applied to the skeleton
+    by transformers' quantizer, so blocks are sized as they will be in memory.
 
     >>> profile_config("models/Llama-3.1-8B", dtype="bfloat16").blocks[1].name  # doctest: +SKIP
     'model.layers.0'
     """
     config = load_config(model, trust_remote_code)
-    load_dtype = config_dtype(config) if dtype is None else getattr(torch, dtype_name(dtype))
-    profile = profile_module(build_on_meta(config, load_dtype, trust_remote_code), load_dtype)
+    load_dtype = load_dtype_of(config, dtype)
+    skeleton = quantize_on_meta(build_on_meta(config, load_dtype, trust_remote_code), quantization, load_dtype)
+    profile = profile_module(skeleton, load_dtype)
     if isinstance(model, PretrainedConfig):
         return profile
     path = Path(model).resolve()
@@ -217,15 +234,29 @@ def _holds_tensors(module: nn.Module, recurse: bool) -> bool:
     return any(True for _ in module.parameters(recurse)) or any(True for _ in module.buffers(recurse))
 
 
-def _tensor_sizer(module: nn.Module, load_dtype: torch.dtype | None):
-    """Bytes of a tensor once loaded: floating point at the load dtype unless the model keeps it in float32."""
+def _tensor_sizer(module: nn.Module, load_dtype: torch.dtype | None, stored: StoredLayout | None):
+    """Bytes of a tensor once loaded: floating point at the load dtype unless the model keeps it in float32.
+
+    Quantized tensors keep their form: as the checkpoint stores them when it packs them,
+    as bitsandbytes holds them, and at the dtype the quantizer gave the rest of a quantized
+    model's tensors, as transformers loads them.
+    """
     keep_fp32 = _fp32_pattern(module, load_dtype)
+    keep_own_dtypes = getattr(module, "is_quantized", False)
+    held = stored.tensors if stored is not None else {}
 
     def tensor_bytes(name: str, tensor: torch.Tensor) -> int:
+        if name in held and not held[name].is_dense_form_of(tensor):
+            return held[name].size_bytes
+        quantized_bytes = quantized_tensor_bytes(tensor)
+        if quantized_bytes is not None:
+            return quantized_bytes
         if load_dtype is None or not tensor.is_floating_point():
             return tensor.numel() * tensor.element_size()
         if keep_fp32 is not None and keep_fp32.search(name):
             return tensor.numel() * torch.float32.itemsize
+        if keep_own_dtypes:
+            return tensor.numel() * tensor.element_size()
         return tensor.numel() * load_dtype.itemsize
 
     return tensor_bytes
@@ -264,6 +295,21 @@ def _size_units(units: list[_Unit], tensor_bytes) -> tuple[list[tuple[int, int, 
         for counts, held in zip(byte_counts, tensors, strict=True)
     ]
     return sizes, _tie_groups(holdings, [unit.name for unit in units])
+
+
+def _add_extra(
+    units: list[_Unit], sizes: list[tuple[int, int, tuple[str, ...]]], extra: Mapping[str, StoredTensor]
+) -> list[tuple[int, int, tuple[str, ...]]]:
+    """Add each extra tensor's bytes to the weights of the unit with the longest name prefixing its name.
+
+    One that no unit prefixes belongs to no module of the model; the loader leaves it out.
+    """
+    added = [0] * len(units)
+    for name, tensor in extra.items():
+        holders = [i for i, unit in enumerate(units) if not unit.name or name.startswith(unit.name + ".")]
+        if holders:
+            added[max(holders, key=lambda i: len(units[i].name))] += tensor.size_bytes
+    return [(weight + more, buffer, names) for (weight, buffer, names), more in zip(sizes, added)]
 
 
 def _tie_groups(holdings: list[list[int]], names: list[str]) -> tuple[tuple[str, ...], ...]:

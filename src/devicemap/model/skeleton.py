@@ -69,6 +69,15 @@ def config_dtype(config: PretrainedConfig) -> torch.dtype:
     return torch.float32
 
 
+def load_dtype_of(config: PretrainedConfig, dtype: torch.dtype | str | None) -> torch.dtype:
+    """The dtype a model loads at: ``dtype`` when given, else the one its config names.
+
+    >>> load_dtype_of(transformers.LlamaConfig(dtype="bfloat16"), None), load_dtype_of(None, "fp16")
+    (torch.bfloat16, torch.float16)
+    """
+    return config_dtype(config) if dtype is None else getattr(torch, dtype_name(dtype))
+
+
 def build_on_meta(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The model a config describes, built under ``dtype`` with every tensor on the meta device.
 

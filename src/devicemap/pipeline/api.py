@@ -36,8 +36,8 @@ from transformers import AutoTokenizer
 from ..devices import free_memory
 from ..errors import DeviceMapError, PipelineError
 from ..model.skeleton import load_config
-from ..planning.api import profile_of
 from ..planning.stages import RankBudgets, StagePlan, parse_rank_budgets, split_stages
+from ..runtime.api import profile_of
 from ..runtime.prompts import tokenize
 from ..units import parse_size
 from ..workload import Workload, dtype_name

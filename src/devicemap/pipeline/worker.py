@@ -29,8 +29,8 @@ import torch.distributed as dist
 
 from ..devices import free_memory
 from ..errors import DeviceMapError, PipelineError
-from ..planning.api import profile_of
 from ..planning.stages import StagePlan, split_stages
+from ..runtime.api import profile_of
 from ..workload import Workload
 from .schedule import Request, run_request
 from .stage_model import StageModel, build_stage

@@ -143,6 +143,17 @@ def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False) -> Checkp
     return Checkpoint(folder, config_path, "pickle", MappingProxyType(tensors), reader)
 
 
+def folder_tensors(folder: Path) -> Mapping[str, TensorInfo] | None:
+    """The safetensors tensors of a model folder, from headers; ``None`` when it holds no safetensors weights.
+
+    >>> folder_tensors(Path("/")) is None
+    True
+    """
+    if (folder / SAFETENSORS_INDEX).is_file() or any(folder.glob("*.safetensors")):
+        return open_checkpoint(folder).tensors
+    return None
+
+
 def _require_folder(folder: Path) -> Path:
     if folder.is_dir():
         return folder.resolve()

@@ -26,6 +26,8 @@ _DTYPES = {
     "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
@@ -36,10 +38,16 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+# MXFP4 scales, where this torch has their dtype.
+if hasattr(torch, "float8_e8m0fnu"):
+    _DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
 # A tensor, or consecutive flat pieces of it, each written before the next is asked for.
 Produced = torch.Tensor | Iterable[torch.Tensor]
+# 4-bit floats (MXFP4 and NVFP4 packs) count values in the header's shape, two to a byte;
+# torch (where it has the dtype) holds them as pairs, so the last dimension halves.
+_PACKED_PAIRS = {"F4": torch.float4_e2m1fn_x2} if hasattr(torch, "float4_e2m1fn_x2") else {}
 
 
 @dataclass(frozen=True)
@@ -101,15 +109,32 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return {info.name: info for info in sorted(tensors, key=lambda info: info.start_byte)}
 
 
+def torch_dtype_and_shape(dtype_name: str, shape: list[int]) -> tuple[torch.dtype, tuple[int, ...]]:
+    """The torch dtype and shape of a tensor a safetensors header lists as ``dtype_name`` and ``shape``.
+
+    >>> torch_dtype_and_shape("F4", [4, 16])
+    (torch.float4_e2m1fn_x2, (4, 8))
+    """
+    if dtype_name in _PACKED_PAIRS:
+        if not shape or shape[-1] % 2:
+            raise ValueError(f"{dtype_name} packs two values a byte, so the last of shape {shape} must be even")
+        return _PACKED_PAIRS[dtype_name], (*shape[:-1], shape[-1] // 2)
+    if dtype_name not in _DTYPES:
+        raise ValueError(f"dtype {dtype_name!r} is none of {', '.join([*_DTYPES, *_PACKED_PAIRS])}")
+    return _DTYPES[dtype_name], tuple(shape)
+
+
 def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     try:
-        dtype = _DTYPES[entry["dtype"]]
-        shape = tuple(entry["shape"])
-        start, end = entry["data_offsets"]
+        dtype_name, shape, (start, end) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
     except (KeyError, TypeError, ValueError):
         raise _corrupt(path, f"tensor {name!r} has an invalid header entry {entry!r}") from None
     if not all(isinstance(size, int) and size >= 0 for size in (*shape, start, end)):
         raise _corrupt(path, f"tensor {name!r} has an invalid shape or offsets: {entry!r}")
+    try:
+        dtype, shape = torch_dtype_and_shape(dtype_name, shape)
+    except (TypeError, ValueError) as error:
+        raise _corrupt(path, f"tensor {name!r} has an invalid header entry {entry!r}: {error}") from None
     info = TensorInfo(name, path, dtype, shape, data_start + start, data_start + end)
     if end - start != info.size_bytes:
         raise _corrupt(

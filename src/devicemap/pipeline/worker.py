@@ -103,6 +103,10 @@ class Rank:
 def join(spec: WorkerSpec) -> Rank:
     """Join the job the environment describes and build this rank's stage."""
     rank, world_size, local_rank = _environment_ranks(spec)
+    if spec.device == "cuda":
+        # device_count asks the driver (or NVML) only: no context is created yet.
+        ranks_here = int(os.environ["LOCAL_WORLD_SIZE"]) if os.environ.get("LOCAL_WORLD_SIZE") else None
+        check_gpu_of_rank(rank, local_rank, ranks_here, torch.cuda.device_count())
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = torch.device(f"cuda:{local_rank}") if spec.device == "cuda" else torch.device("cpu")
@@ -142,6 +146,33 @@ def _environment_ranks(spec: WorkerSpec) -> tuple[int, int, int]:
             f"start as many ranks as stages (torchrun --nproc-per-node/--nnodes, or --pipeline {world_size})"
         )
     return rank, world_size, int(os.environ.get("LOCAL_RANK", rank))
+
+
+def check_gpu_of_rank(rank: int, local_rank: int, local_world_size: int | None, gpus: int) -> None:
+    """Refuse, before CUDA is touched, a rank whose GPU ``LOCAL_RANK`` is missing or shared with another rank.
+
+    ``gpus`` is how many GPUs this process sees; ``local_world_size`` how many ranks this
+    machine runs (torchrun's ``LOCAL_WORLD_SIZE``), None when unknown. Without the check the
+    rank fails with CUDA's bare "invalid device ordinal", or two ranks fight over one GPU.
+
+    >>> check_gpu_of_rank(rank=5, local_rank=1, local_world_size=2, gpus=2)
+    """
+    if local_rank < gpus and (local_world_size is None or local_world_size <= gpus):
+        return
+    problem = (
+        f"its LOCAL_RANK {local_rank} names no GPU"
+        if local_rank >= gpus
+        else f"LOCAL_WORLD_SIZE {local_world_size} ranks on this machine would share its GPUs"
+    )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise PipelineError(
+        f"rank {rank} (LOCAL_RANK {local_rank}, LOCAL_WORLD_SIZE {local_world_size or 'not set'}) cannot have a GPU "
+        f"of its own: this process sees {gpus} GPU(s)"
+        + ("" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible!r})")
+        + f", and {problem}; start at most {gpus} rank(s) per machine (torchrun --nproc-per-node at most {gpus}), "
+        "make more GPUs visible with CUDA_VISIBLE_DEVICES, or run the pipeline on CPU (device='cpu', or "
+        "CUDA_VISIBLE_DEVICES= under torchrun)"
+    )
 
 
 def _plan_together(spec: WorkerSpec, device: torch.device) -> StagePlan:

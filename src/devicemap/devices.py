@@ -116,7 +116,9 @@ def _contexts_held(indices: Sequence[int]) -> list[int]:
 
 
 # The child reads only its arguments and prints one JSON list: no pickling, nothing of ours imported.
-_MEASURE_SCRIPT = "import json, sys, torch; print(json.dumps([torch.cuda.mem_get_info(int(i))[0] for i in sys.argv[1:]]))"
+_MEASURE_SCRIPT = (
+    "import json, sys, torch; print(json.dumps([torch.cuda.mem_get_info(int(i))[0] for i in sys.argv[1:]]))"
+)
 
 
 def _measure_in_child(indices: Sequence[int]) -> dict[int, int]:

@@ -98,6 +98,8 @@ def free_gpu_memory(indices: Sequence[int]) -> dict[int, int]:
     measured together in one short-lived child process, which sees the same
     ``CUDA_VISIBLE_DEVICES`` and so the same indices, and whose context goes when it exits.
     Either way the figure is what a process holding one context there may still allocate.
+    A child, not NVML: NVML numbers GPUs its own way, ignoring ``CUDA_VISIBLE_DEVICES`` and
+    ``CUDA_DEVICE_ORDER``, and would be one more dependency; the child costs a second or two.
 
     >>> free_gpu_memory([])
     {}
@@ -119,15 +121,22 @@ def _contexts_held(indices: Sequence[int]) -> list[int]:
 _MEASURE_SCRIPT = (
     "import json, sys, torch; print(json.dumps([torch.cuda.mem_get_info(int(i))[0] for i in sys.argv[1:]]))"
 )
+_MEASURE_TIMEOUT_S = 120  # importing torch and creating a context per GPU take seconds, not minutes
 
 
 def _measure_in_child(indices: Sequence[int]) -> dict[int, int]:
     if not indices:
         return {}
     command = [sys.executable, "-c", _MEASURE_SCRIPT, *map(str, indices)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    names = ", ".join(f"cuda:{index}" for index in indices)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=_MEASURE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise DeviceMapError(
+            f"measuring the free memory of {names} in a child process took over {_MEASURE_TIMEOUT_S} s; check "
+            "that CUDA works here (nvidia-smi), or give these devices' budgets in max_memory"
+        ) from None
     if done.returncode != 0:
-        names = ", ".join(f"cuda:{index}" for index in indices)
         last_line = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise DeviceMapError(
             f"measuring the free memory of {names} in a child process failed ({last_line}); check that "

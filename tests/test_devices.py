@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from devicemap.devices import (
+    _contexts_held,
     available_devices,
+    free_gpu_memory,
     loading_budgets,
     normalize_device,
     parse_max_memory,
@@ -78,3 +80,28 @@ def test_loading_refuses_a_device_that_does_not_exist_naming_it():
 def test_disk_budget_is_the_free_space_where_the_offload_folder_will_be(tmp_path):
     folder = tmp_path / "not" / "yet" / "made"
     assert planning_budgets(offload_folder=folder)["disk"] == os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+
+
+def test_measuring_no_gpu_starts_no_child_and_touches_no_cuda():
+    assert free_gpu_memory([]) == {}
+    assert not torch.cuda.is_initialized()
+
+
+@pytest.mark.skipif(torch.cuda.is_initialized(), reason="CUDA was initialized in this process")
+def test_a_process_that_has_not_initialized_cuda_holds_no_context_and_is_not_asked():
+    assert _contexts_held([0, 1, 7]) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine can measure its GPUs")
+def test_a_gpu_this_process_has_no_context_on_is_measured_in_a_child_that_says_why_it_failed():
+    # Without CUDA the child's measurement fails: the error names the GPU and what to do,
+    # and this process still has not initialized CUDA.
+    with pytest.raises(DeviceMapError, match=r"cuda:0, cuda:1 in a child process failed \(.+\).*max_memory"):
+        free_gpu_memory([0, 1])
+    assert not torch.cuda.is_initialized()
+
+
+def test_planning_budgets_measure_no_device_whose_budget_is_given():
+    budgets = planning_budgets({"cpu": "1GiB", "disk": "2GiB"})
+    assert budgets["cpu"] == 2**30 and budgets["disk"] == 2 * 2**30
+    assert not torch.cuda.is_initialized()

@@ -4,8 +4,12 @@ Devices are named by strings: ``"cuda:N"``, ``"mps"``, ``"cpu"`` and ``"disk"``.
 Accelerators come first in every ordering, by index, then CPU, then disk.
 """
 
+import json
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -68,12 +72,14 @@ def available_devices() -> list[str]:
 def free_memory(device: str, offload_folder: str | os.PathLike | None = None) -> int:
     """Bytes free on a device now: GPU free memory, available RAM, or free space for disk offload.
 
+    A GPU is measured as :func:`free_gpu_memory` does, without leaving a CUDA context on it.
+
     >>> free_memory("cpu") > 0
     True
     """
     if device.startswith("cuda:"):
-        free, _total = torch.cuda.mem_get_info(int(device[5:]))
-        return free
+        index = int(device[5:])
+        return free_gpu_memory([index])[index]
     if device == "mps":
         return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
     if device == "cpu":
@@ -81,6 +87,62 @@ def free_memory(device: str, offload_folder: str | os.PathLike | None = None) ->
     if device == "disk":
         return shutil.disk_usage(_existing_parent(offload_folder or Path.cwd())).free
     raise DeviceMapError(f"device {device!r} has no memory to measure")
+
+
+def free_gpu_memory(indices: Sequence[int]) -> dict[int, int]:
+    """Bytes free on each GPU in ``indices`` beside one CUDA context, creating none in this process.
+
+    A context costs a few hundred MiB of the GPU and lasts as long as the process, so a plan
+    must not leave one on every visible GPU. A GPU this process holds a context on already is
+    asked directly (``cudaMemGetInfo``, which counts that context as used); the others are
+    measured together in one short-lived child process, which sees the same
+    ``CUDA_VISIBLE_DEVICES`` and so the same indices, and whose context goes when it exits.
+    Either way the figure is what a process holding one context there may still allocate.
+    A child, not NVML: NVML numbers GPUs its own way, ignoring ``CUDA_VISIBLE_DEVICES`` and
+    ``CUDA_DEVICE_ORDER``, and would be one more dependency; the child costs a second or two.
+
+    >>> free_gpu_memory([])
+    {}
+    """
+    held = _contexts_held(indices)
+    free = {index: torch.cuda.mem_get_info(index)[0] for index in held}
+    free |= _measure_in_child([index for index in indices if index not in held])
+    return {index: free[index] for index in indices}
+
+
+def _contexts_held(indices: Sequence[int]) -> list[int]:
+    """The GPUs among ``indices`` this process has a CUDA context on, found without creating one."""
+    if not indices or not torch.cuda.is_initialized():
+        return []  # torch has not touched CUDA here, so this process holds no context
+    return [index for index in indices if torch._C._cuda_hasPrimaryContext(index)]
+
+
+# The child reads only its arguments and prints one JSON list: no pickling, nothing of ours imported.
+_MEASURE_SCRIPT = (
+    "import json, sys, torch; print(json.dumps([torch.cuda.mem_get_info(int(i))[0] for i in sys.argv[1:]]))"
+)
+_MEASURE_TIMEOUT_S = 120  # importing torch and creating a context per GPU take seconds, not minutes
+
+
+def _measure_in_child(indices: Sequence[int]) -> dict[int, int]:
+    if not indices:
+        return {}
+    command = [sys.executable, "-c", _MEASURE_SCRIPT, *map(str, indices)]
+    names = ", ".join(f"cuda:{index}" for index in indices)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=_MEASURE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise DeviceMapError(
+            f"measuring the free memory of {names} in a child process took over {_MEASURE_TIMEOUT_S} s; check "
+            "that CUDA works here (nvidia-smi), or give these devices' budgets in max_memory"
+        ) from None
+    if done.returncode != 0:
+        last_line = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise DeviceMapError(
+            f"measuring the free memory of {names} in a child process failed ({last_line}); check that "
+            "CUDA works here (nvidia-smi, CUDA_VISIBLE_DEVICES), or give these devices' budgets in max_memory"
+        )
+    return dict(zip(indices, json.loads(done.stdout.splitlines()[-1])))
 
 
 def _existing_parent(path: str | os.PathLike) -> Path:
@@ -121,8 +183,15 @@ def planning_budgets(
     >>> planning_budgets({0: "80GiB"})["cuda:0"]
     85899345920
     """
-    budgets = {device: free_memory(device, offload_folder) for device in available_devices()}
-    budgets.update(parse_max_memory(max_memory))
+    given = parse_max_memory(max_memory)
+    measured = [device for device in available_devices() if device not in given]
+    # One child process measures every GPU at once, rather than one child per GPU.
+    gpus = free_gpu_memory([int(device[5:]) for device in measured if device.startswith("cuda:")])
+    budgets = {
+        device: gpus[int(device[5:])] if device.startswith("cuda:") else free_memory(device, offload_folder)
+        for device in measured
+    }
+    budgets |= given
     return dict(sorted(budgets.items(), key=lambda item: device_order(item[0])))
 
 

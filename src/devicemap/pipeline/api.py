@@ -26,14 +26,14 @@ them, must be trusted.
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
 import torch
 from transformers import AutoTokenizer
 
-from ..devices import free_memory
+from ..devices import free_gpu_memory, free_memory
 from ..errors import DeviceMapError, PipelineError
 from ..model.skeleton import load_config
 from ..planning.stages import RankBudgets, StagePlan, parse_rank_budgets, split_stages
@@ -45,7 +45,7 @@ from .launch import Workers
 from .requests import build_request
 from .schedule import Sampling
 from .stage_model import check_supported
-from .worker import WorkerSpec, join, leave
+from .worker import WorkerSpec, budget_beside_rank, describe_reserve, join, leave
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -63,8 +63,11 @@ def plan_stages(
 ) -> StagePlan:
     """Plan which blocks each of ``stages`` ranks holds, from the config alone.
 
-    ``max_memory`` gives ranks' budgets ("0=8GiB,1=16GiB", a dict or a list); ranks it
-    leaves out get this machine's free memory: GPU ``rank``'s, or an equal share of RAM.
+    ``max_memory`` gives ranks' budgets ("0=8GiB,1=16GiB", a dict or a list), each its stage's
+    alone, for GPUs this machine need not have; ranks it leaves out get this machine's free
+    memory: GPU ``rank``'s less ``RANK_CUDA_RESERVE_BYTES`` for what the rank itself holds
+    there (a reason line of the plan says so), or an equal share of RAM. Planning needs no
+    GPU beyond those it measures; only starting the pipeline needs one GPU per stage.
     When no split fits, ranks offload the tail of their stage (``offload``): to an equal
     share of this machine's free RAM (GPU ranks) and of the disk under ``offload_folder``,
     or, per rank, to the sizes ``offload`` gives (e.g. ``[{}, {"disk": "4GiB"}]``).
@@ -76,9 +79,14 @@ def plan_stages(
     (('embed', 'layers.0', 'layers.1'), ('layers.2', 'head'))
     """
     kind = _device_kind(device, stages)
-    budgets = _rank_budgets(max_memory, stages, kind)
+    given = parse_rank_budgets(max_memory, stages)
+    budgets = _rank_budgets(given, stages, kind)
     allowances = _offload_allowances(offload, stages, kind, offload_folder)
-    return split_stages(profile_of(model, dtype), budgets, workload, allowances, kind)
+    stage_plan = split_stages(profile_of(model, dtype), budgets, workload, allowances, kind)
+    if kind != "cuda":
+        return stage_plan
+    reserve = describe_reserve([rank for rank in range(stages) if rank not in given])
+    return replace(stage_plan, reasons=stage_plan.reasons + (reserve,))
 
 
 class Pipeline:
@@ -111,6 +119,9 @@ class Pipeline:
             raise DeviceMapError(f"threads_per_stage {threads_per_stage} must be at least 1")
         if not timeout_s > 0:
             raise DeviceMapError(f"timeout_s {timeout_s} must be more than 0 seconds")
+        kind = _device_kind(device, stages)
+        if kind == "cuda":
+            check_gpus_for(stages, torch.cuda.device_count())
         self.model = Path(model)
         self.config = load_config(self.model)
         check_supported(self.config)
@@ -118,7 +129,6 @@ class Pipeline:
             self.model, stages, dtype=dtype, max_memory=max_memory, workload=workload, device=device,
             offload=offload, offload_folder=offload_folder,
         )  # fmt: skip
-        kind = _device_kind(device, stages)
         spec = WorkerSpec(
             model=str(self.model),
             stages=stages,
@@ -224,25 +234,43 @@ def _device_kind(device: str, stages: int) -> str:
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind not in ("cpu", "cuda"):
         raise PipelineError(f"pipeline device {device!r} is not understood; use 'auto', 'cuda' or 'cpu'")
-    if kind == "cuda" and torch.cuda.device_count() < stages:
-        raise PipelineError(
-            f"{stages} stages on CUDA need {stages} GPUs on this machine, which has {torch.cuda.device_count()}; "
-            "use fewer stages, device='cpu', or torchrun across machines"
-        )
     return kind
 
 
-def _rank_budgets(max_memory: RankBudgets | None, stages: int, kind: str) -> list[int]:
-    given = parse_rank_budgets(max_memory, stages)
-    budgets = []
-    for rank in range(stages):
-        if rank in given:
-            budgets.append(given[rank])
-        elif kind == "cuda":
-            budgets.append(torch.cuda.mem_get_info(rank)[0])
-        else:
-            budgets.append(psutil.virtual_memory().available // stages)
-    return budgets
+def check_gpus_for(stages: int, gpus: int) -> None:
+    """Refuse to start ``stages`` CUDA ranks on a machine with fewer GPUs; planning them needs none.
+
+    >>> check_gpus_for(2, 4)
+    """
+    if gpus < stages:
+        raise PipelineError(
+            f"{stages} stages on CUDA need {stages} GPUs on this machine, which has {gpus}; "
+            "use fewer stages, device='cpu', or torchrun across machines"
+        )
+
+
+def _rank_budgets(given: dict[int, int], stages: int, kind: str) -> list[int]:
+    """Each rank's budget: the one given, else what its GPU has free beside the rank's own needs, or a share of RAM."""
+    missing = [rank for rank in range(stages) if rank not in given]
+    if kind == "cpu":
+        return [given.get(rank, psutil.virtual_memory().available // stages) for rank in range(stages)]
+    check_ranks_measurable(missing, torch.cuda.device_count())
+    budgets = given | {rank: budget_beside_rank(free) for rank, free in free_gpu_memory(missing).items()}
+    return [budgets[rank] for rank in range(stages)]
+
+
+def check_ranks_measurable(ranks: Sequence[int], gpus: int) -> None:
+    """Refuse ranks with no budget given whose GPU this machine lacks: only a GPU that exists can be measured.
+
+    >>> check_ranks_measurable([0, 1], gpus=2)
+    """
+    beyond = [rank for rank in ranks if rank >= gpus]
+    if beyond:
+        names = ", ".join(map(str, beyond))
+        raise PipelineError(
+            f"rank(s) {names} have no budget in max_memory, and this machine has {gpus} GPU(s) to measure "
+            f"(GPU r for rank r); give their budgets (e.g. '{beyond[0]}=24GiB') to plan for GPUs this machine lacks"
+        )
 
 
 def _offload_allowances(offload, stages: int, kind: str, offload_folder) -> list[dict[str, int]] | None:

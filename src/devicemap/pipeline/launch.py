@@ -4,7 +4,7 @@ The launcher does what torchrun's agent does for one machine: it hosts the rende
 store on a port it binds itself (127.0.0.1 by default, so nothing listens beyond this
 machine, and no other program can take the port between choosing and binding it), and
 starts one worker process per rank with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
-``MASTER_ADDR``/``MASTER_PORT`` set, gloo bound to the same interface. Requests and
+``MASTER_ADDR``/``MASTER_PORT`` set, gloo and NCCL bound to the same interface. Requests and
 answers travel as JSON lines on a pair of pipes per rank.
 
 Faults: the launcher watches every worker while it waits. When one reports an error or
@@ -217,6 +217,7 @@ class Workers:
 
 
 def _worker_environment(spec: WorkerSpec, master_addr: str) -> dict[str, str]:
+    interface = interface_of(master_addr)
     env = {
         **os.environ,
         "WORLD_SIZE": str(spec.stages),
@@ -224,7 +225,9 @@ def _worker_environment(spec: WorkerSpec, master_addr: str) -> dict[str, str]:
         "MASTER_ADDR": master_addr,
         # the launcher hosts the store, as torchrun's agent does; every rank joins as a client
         "TORCHELASTIC_USE_AGENT_STORE": "True",
-        "GLOO_SOCKET_IFNAME": interface_of(master_addr),
+        # NCCL bootstraps its ranks over sockets too; without this it listens on every interface.
+        "GLOO_SOCKET_IFNAME": interface,
+        "NCCL_SOCKET_IFNAME": interface,
     }
     if spec.threads:
         env["OMP_NUM_THREADS"] = str(spec.threads)

@@ -20,7 +20,8 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 
 import psutil
@@ -31,12 +32,50 @@ from ..devices import free_memory
 from ..errors import DeviceMapError, PipelineError
 from ..planning.stages import StagePlan, split_stages
 from ..runtime.api import profile_of
+from ..units import format_size
 from ..workload import Workload
 from .schedule import Request, run_request
 from .stage_model import StageModel, build_stage
 from .wire import PeerLostError, StageLinks
 
 _PARENT_CHECK_S = 0.5
+
+# What a CUDA rank holds beside its stage, kept out of the free memory measured for it. The
+# measurement already counts one bare CUDA context (``devices.free_gpu_memory``, or the rank's
+# own under torchrun); beyond it a rank holds:
+# - the kernels its context loads as they first run (lazy module loading, torch's default):
+#   torch's, cuBLAS's and NCCL's, a few hundred MiB on recent GPUs, like the bare context: 512 MiB;
+# - cuBLAS workspaces: 32 MiB per handle and stream on Hopper (torch's CUBLAS_WORKSPACE_CONFIG
+#   default ":4096:8", and CUBLASLT_WORKSPACE_SIZE 32768 KiB), for cuBLAS and cuBLASLt on the
+#   compute stream and the offload copy stream: 4 x 32 MiB = 128 MiB;
+# - NCCL's buffers: NCCL_BUFFSIZE, 4 MiB per channel per peer and direction; a stage sends to
+#   one neighbour and receives from the other, and the ranks' all-gather rings them all, on up
+#   to 16 channels each: (2 + 2 + 2) x 16 x 4 MiB = 384 MiB.
+RANK_CUDA_RESERVE_BYTES = 512 * 2**20 + 4 * 32 * 2**20 + 6 * 16 * 4 * 2**20  # 1 GiB
+
+
+def budget_beside_rank(free_bytes: int) -> int:
+    """What a CUDA rank's stage may use of its GPU's measured free memory: all but RANK_CUDA_RESERVE_BYTES.
+
+    >>> budget_beside_rank(9 * 2**30) / 2**30, budget_beside_rank(2**29)
+    (8.0, 0)
+    """
+    return max(0, free_bytes - RANK_CUDA_RESERVE_BYTES)
+
+
+def describe_reserve(measured_ranks: Sequence[int]) -> str:
+    """The stage plan's reason line for the room CUDA ranks keep beside their stage."""
+    kept = (
+        f"{format_size(RANK_CUDA_RESERVE_BYTES)} for what a rank holds beside its stage (the kernels its CUDA "
+        "context loads, cuBLAS workspaces, NCCL buffers)"
+    )
+    if not measured_ranks:
+        return f"every GPU rank's budget was given and is its stage's alone: leave {kept} beside it on each GPU"
+    ranks = ", ".join(map(str, measured_ranks))
+    return (
+        f"GPU rank(s) {ranks} keep {kept} out of the free memory measured; budgets given in max_memory are "
+        "the stage's alone"
+    )
 
 
 @dataclass(frozen=True)
@@ -103,6 +142,10 @@ class Rank:
 def join(spec: WorkerSpec) -> Rank:
     """Join the job the environment describes and build this rank's stage."""
     rank, world_size, local_rank = _environment_ranks(spec)
+    if spec.device == "cuda":
+        # device_count asks the driver (or NVML) only: no context is created yet.
+        ranks_here = int(os.environ["LOCAL_WORLD_SIZE"]) if os.environ.get("LOCAL_WORLD_SIZE") else None
+        check_gpu_of_rank(rank, local_rank, ranks_here, torch.cuda.device_count())
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = torch.device(f"cuda:{local_rank}") if spec.device == "cuda" else torch.device("cpu")
@@ -144,6 +187,33 @@ def _environment_ranks(spec: WorkerSpec) -> tuple[int, int, int]:
     return rank, world_size, int(os.environ.get("LOCAL_RANK", rank))
 
 
+def check_gpu_of_rank(rank: int, local_rank: int, local_world_size: int | None, gpus: int) -> None:
+    """Refuse, before CUDA is touched, a rank whose GPU ``LOCAL_RANK`` is missing or shared with another rank.
+
+    ``gpus`` is how many GPUs this process sees; ``local_world_size`` how many ranks this
+    machine runs (torchrun's ``LOCAL_WORLD_SIZE``), None when unknown. Without the check the
+    rank fails with CUDA's bare "invalid device ordinal", or two ranks fight over one GPU.
+
+    >>> check_gpu_of_rank(rank=5, local_rank=1, local_world_size=2, gpus=2)
+    """
+    if local_rank < gpus and (local_world_size is None or local_world_size <= gpus):
+        return
+    problem = (
+        f"its LOCAL_RANK {local_rank} names no GPU"
+        if local_rank >= gpus
+        else f"LOCAL_WORLD_SIZE {local_world_size} ranks on this machine would share its GPUs"
+    )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise PipelineError(
+        f"rank {rank} (LOCAL_RANK {local_rank}, LOCAL_WORLD_SIZE {local_world_size or 'not set'}) cannot have a GPU "
+        f"of its own: this process sees {gpus} GPU(s)"
+        + ("" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible!r})")
+        + f", and {problem}; start at most {gpus} rank(s) per machine (torchrun --nproc-per-node at most {gpus}), "
+        "make more GPUs visible with CUDA_VISIBLE_DEVICES, or run the pipeline on CPU (device='cpu', or "
+        "CUDA_VISIBLE_DEVICES= under torchrun)"
+    )
+
+
 def _plan_together(spec: WorkerSpec, device: torch.device) -> StagePlan:
     """Every rank shares its budget and computes the same plan from the same numbers."""
     gathered = _gather_memory(_local_memory(device, spec.offload_folder), spec.stages, device)
@@ -155,7 +225,11 @@ def _plan_together(spec: WorkerSpec, device: torch.device) -> StagePlan:
         # A CPU rank's own memory is its budget already: it offers only its disk.
         offload = [{"disk": disk} if device.type == "cpu" else {"cpu": cpu, "disk": disk} for _, cpu, disk in gathered]
     profile = profile_of(spec.model, spec.dtype)
-    return split_stages(profile, budgets, spec.workload, offload, device.type)
+    stage_plan = split_stages(profile, budgets, spec.workload, offload, device.type)
+    if device.type != "cuda":
+        return stage_plan
+    measured = [rank for rank in range(spec.stages) if rank not in dict(spec.budgets)]
+    return replace(stage_plan, reasons=stage_plan.reasons + (describe_reserve(measured),))
 
 
 def _local_memory(device: torch.device, offload_folder: str | None) -> tuple[int, int, int]:
@@ -165,7 +239,7 @@ def _local_memory(device: torch.device, offload_folder: str | None) -> tuple[int
     disk = free_memory("disk", offload_folder) // ranks_here
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return free, host, disk
+        return budget_beside_rank(free), host, disk
     return host, 0, disk
 
 

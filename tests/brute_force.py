@@ -11,14 +11,21 @@ Placement rule enumerated (the design's): a leading run of units is resident, on
 contiguous (possibly empty) group per compute device in order; the remaining suffix is
 offloaded, a leading part of it to CPU and the rest to disk, all executing on the last
 compute device; CPU keeps room to stage twice the largest disk-bound unit.
+
+Pipeline stages (``best_stage_split``): one non-empty contiguous run of units per rank,
+each rank computing and keeping its whole run within its budget; a tie across ranks
+becomes a copy of the shared tensor on every block that uses it. A decode step reads a
+unit's weights (not the first unit's: it embeds by lookup) and half its KV cache.
 """
 
 import math
-from dataclasses import dataclass
-from itertools import combinations_with_replacement
+from dataclasses import dataclass, replace
+from itertools import combinations, combinations_with_replacement
 
 from devicemap.devices import is_accelerator
-from devicemap.planning.ledger import Unit
+from devicemap.model.profile import Profile
+from devicemap.planning.ledger import Unit, price_units
+from devicemap.workload import Workload
 
 Groups = tuple[tuple[Unit, ...], ...]
 
@@ -198,3 +205,40 @@ def share_score(budget, fixed, rate, tokens, busy) -> float:
     """Minus how full the device is at ``tokens``, so that the best split is the least full."""
     used = fixed + rate * tokens
     return -math.inf if used > budget else -used / budget
+
+
+def stage_units(profile: Profile, ranks: int, workload: Workload) -> list[Unit]:
+    """The units stages are cut from: over several ranks, each tied block carries its own copy."""
+    if ranks == 1:
+        return price_units(profile, workload)
+    position = {block.name: index for index, block in enumerate(profile.blocks)}
+    extra = {block.name: 0 for block in profile.blocks}
+    for group in profile.tied:
+        owner, *users = sorted(group, key=lambda name: position[name])
+        for name in users:
+            extra[name] += profile.blocks[position[owner]].weight_bytes
+    blocks = tuple(replace(block, weight_bytes=block.weight_bytes + extra[block.name]) for block in profile.blocks)
+    return price_units(replace(profile, blocks=blocks, tied=()), workload)
+
+
+def decode_step_bytes(units: list[Unit], workload: Workload) -> list[int]:
+    """What one decode step reads in each unit: its weights (the first only looks rows up) and half its KV cache."""
+    tokens = workload.batch_size * workload.max_tokens
+    return [
+        (0 if index == 0 else unit.weight_bytes) + round(unit.kv_bytes_per_token * tokens / 2)
+        for index, unit in enumerate(units)
+    ]
+
+
+def best_stage_split(units: list[Unit], step_bytes: list[int], budgets: list[int], tokens: int) -> int | None:
+    """The fewest bytes the slowest stage reads per step, over every split into fitting non-empty stages."""
+    best = None
+    for cuts in combinations(range(1, len(units)), len(budgets) - 1):
+        bounds = (0, *cuts, len(units))
+        runs = [range(bounds[rank], bounds[rank + 1]) for rank in range(len(budgets))]
+        stages = [tuple(units[index] for index in run) for run in runs]
+        needs = [fixed_bytes(stage, stage, ()) + kv_rate(stage) * tokens for stage in stages]
+        if all(need <= budget for need, budget in zip(needs, budgets)):
+            slowest = max(sum(step_bytes[index] for index in run) for run in runs)
+            best = slowest if best is None else min(best, slowest)
+    return best

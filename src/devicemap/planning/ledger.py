@@ -86,7 +86,6 @@ class DeviceLoad:
     def __init__(self, budget_bytes: int, tokens: int):
         self.budget_bytes = budget_bytes
         self.tokens = tokens
-        self.units = 0
         self.weight_bytes = 0
         self.buffer_bytes = 0
         self.kv_bytes_per_token = 0.0
@@ -102,11 +101,21 @@ class DeviceLoad:
 
     def execute(self, unit: Unit) -> None:
         """Compute the unit here: its buffers, KV cache and transient activations live here."""
-        self.units += 1
         self.buffer_bytes += unit.buffer_bytes
         self.kv_bytes_per_token += unit.kv_bytes_per_token
         self.fixed_kv_bytes += unit.fixed_kv_bytes
         self.activation_bytes = max(self.activation_bytes, unit.activation_bytes + unit.logits_bytes)
+
+    def place(self, *units: Unit) -> None:
+        """Keep the units' weights here and compute them here."""
+        for unit in units:
+            self.store(unit)
+            self.execute(unit)
+
+    def take(self, unit: Unit, tokens: float) -> bool:
+        """Place the unit here; whether the device still fits with ``tokens`` batch×tokens cached."""
+        self.place(unit)
+        return self.fits(tokens)
 
     def stream(self, unit: Unit, for_device: str = "") -> None:
         """Make room to bring the unit's weights here from elsewhere, one computing and one arriving.
@@ -122,18 +131,6 @@ class DeviceLoad:
     def stream_bytes(self) -> int:
         return sum(self._streams.values())
 
-    def would_fit(self, unit: Unit, tokens: float, share: float = 1.0) -> bool:
-        """Whether storing and executing one more unit here stays within the budget."""
-        fixed = (
-            self.fixed_bytes()
-            - self.activation_bytes
-            + max(self.activation_bytes, unit.activation_bytes + unit.logits_bytes)
-            + unit.weight_bytes
-            + unit.buffer_bytes
-            + unit.fixed_kv_bytes
-        )
-        return fixed + (self.kv_bytes_per_token + unit.kv_bytes_per_token) * tokens <= self.budget_bytes * share
-
     def fixed_bytes(self) -> int:
         """Everything that does not grow with the number of cached tokens."""
         return self.weight_bytes + self.buffer_bytes + self.fixed_kv_bytes + self.activation_bytes + self.stream_bytes
@@ -146,8 +143,8 @@ class DeviceLoad:
         tokens = self.tokens if tokens is None else tokens
         return self.fixed_bytes() + self.kv_bytes_per_token * tokens
 
-    def fits(self, tokens: float | None = None, share: float = 1.0) -> bool:
-        return self.used_bytes(tokens) <= self.budget_bytes * share
+    def fits(self, tokens: float | None = None) -> bool:
+        return self.used_bytes(tokens) <= self.budget_bytes
 
     def token_capacity(self) -> float:
         """Batch×tokens of KV cache that fit beside everything else (inf when nothing is cached)."""

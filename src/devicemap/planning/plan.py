@@ -1,8 +1,9 @@
-"""Plan: where every block lives and computes, and the per-device ledger derived from that."""
+"""Plans and their ledgers: where every block lives and computes, or each pipeline rank's stage."""
 
 import io
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
@@ -54,12 +55,7 @@ class DeviceLedger:
 
 @dataclass(frozen=True)
 class Plan:
-    """A device map with the budgets, workload and reasons that produced it.
-
-    >>> plan = devicemap.plan("config.json", max_memory={0: "24GiB", 1: "24GiB"})  # doctest: +SKIP
-    >>> plan.device_map  # doctest: +SKIP
-    {'model.embed_tokens': 0, 'model.layers.0': 0, ..., 'lm_head': 1}
-    """
+    """A device map with the budgets, workload and reasons that produced it (see ``planner.make_plan``)."""
 
     profile: Profile
     workload: Workload
@@ -106,36 +102,23 @@ class Plan:
         return tuple(p for p in self.placements if p.device != p.execution_device)
 
     def __str__(self) -> str:
-        console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=False)
-        console.print(self.table())
-        for line in self.summary():
-            console.print(line, highlight=False, soft_wrap=True)
-        return console.file.getvalue().rstrip()
+        return _render(self.table(), self.summary())
 
     def table(self) -> Table:
         """The per-device ledger as a rich table."""
-        table = Table(title=f"{self.profile.name} · {self.profile.dtype} · {self.strategy}")
         columns = ("device", "blocks", "weights", "buffers", "KV cache", "activations", "streaming", "budget", "free")
-        for column in columns:
-            table.add_column(column, justify="left" if column == "device" else "right")
-        for row in self.ledger:
-            table.add_row(
-                row.device,
-                str(row.blocks),
-                *(format_size(size) for size in (row.weight_bytes, row.buffer_bytes, row.kv_bytes)),
-                *(format_size(size) for size in (row.activation_bytes, row.stream_bytes, row.budget_bytes)),
-                format_size(row.free_bytes),
-            )
-        return table
+        rows = [
+            (row.device, str(row.blocks), *map(format_size, (row.weight_bytes, row.buffer_bytes, row.kv_bytes,
+             row.activation_bytes, row.stream_bytes, row.budget_bytes, row.free_bytes)))
+            for row in self.ledger
+        ]  # fmt: skip
+        return _ledger_table(f"{self.profile.name} · {self.profile.dtype} · {self.strategy}", columns, rows)
 
     def summary(self) -> list[str]:
         """Lines under the table: the workload, how much more fits, and why."""
         workload = self.workload
         capacity = self.kv_token_capacity
-        lines = [
-            f"workload: batch {workload.batch_size} × {workload.max_tokens} tokens, "
-            f"KV cache in {workload.kv_dtype}"
-        ]
+        lines = [_workload_line(workload)]
         if capacity == float("inf"):
             lines.append("no per-token KV cache: the sequence length is bounded by activations only")
         else:
@@ -171,6 +154,105 @@ class Plan:
             placements=tuple(Placement(**p) for p in data["placements"]),
             reasons=tuple(data["reasons"]),
         )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One rank's share of the model and what it must hold, in bytes, for the workload.
+
+    ``weight_bytes`` are kept on the rank's device; ``offloaded`` are (block, "cpu" or
+    "disk") pairs, ``offloaded_bytes`` in all, kept in the rank's host memory or on its
+    disk and brought to the device through ``stream_bytes`` of room there when they run.
+    """
+
+    rank: int
+    blocks: tuple[str, ...]
+    weight_bytes: int
+    kv_bytes: int
+    activation_bytes: int
+    budget_bytes: int
+    stream_bytes: int = 0
+    offloaded: tuple[tuple[str, str], ...] = ()
+    offloaded_bytes: int = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.activation_bytes + self.stream_bytes
+
+    def offload_summary(self) -> str:
+        """How much of the stage is offloaded and where, e.g. "4 blocks, 54.0 MiB on disk"; "—" when none."""
+        if not self.offloaded:
+            return "—"
+        tiers = dict.fromkeys(tier for _, tier in self.offloaded)
+        noun = "block" if len(self.offloaded) == 1 else "blocks"
+        return f"{len(self.offloaded)} {noun}, {format_size(self.offloaded_bytes)} on {' then '.join(tiers)}"
+
+    @property
+    def free_bytes(self) -> int:
+        return self.budget_bytes - self.used_bytes
+
+    def span(self) -> str:
+        """The first and last block, e.g. "model.embed_tokens … model.layers.14"."""
+        if len(self.blocks) == 1:
+            return self.blocks[0]
+        return f"{self.blocks[0]} … {self.blocks[-1]}"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The stages of a pipeline over ranks, with the workload and reasons behind them (see ``stages.split_stages``)."""
+
+    profile: Profile
+    workload: Workload
+    stages: tuple[Stage, ...]
+    reasons: tuple[str, ...] = ()
+
+    def blocks_of(self, rank: int) -> tuple[str, ...]:
+        return self.stages[rank].blocks
+
+    def table(self) -> Table:
+        """One row per rank: its blocks and its ledger."""
+        offloading = any(stage.offloaded for stage in self.stages)
+        columns = ("rank", "blocks", "count", "weights", "KV cache", "activations")
+        columns += ("streaming", "offloaded") if offloading else ()
+        rows = [
+            (str(stage.rank), stage.span(), str(len(stage.blocks)),
+             *map(format_size, (stage.weight_bytes, stage.kv_bytes, stage.activation_bytes)),
+             *((format_size(stage.stream_bytes), stage.offload_summary()) if offloading else ()),
+             format_size(stage.budget_bytes), format_size(stage.free_bytes))
+            for stage in self.stages
+        ]  # fmt: skip
+        title = f"{self.profile.name} · {self.profile.dtype} · pipeline of {len(self.stages)} stages"
+        return _ledger_table(title, (*columns, "budget", "free"), rows, labels=2)
+
+    def __str__(self) -> str:
+        # Offloading adds two columns; a wider page keeps each rank on one line.
+        width = 150 if any(stage.offloaded for stage in self.stages) else 120
+        lines = [_workload_line(self.workload), *(f"- {reason}" for reason in self.reasons)]
+        return _render(self.table(), lines, width)
+
+
+def _ledger_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], labels: int = 1) -> Table:
+    """Ledger rows as a rich table: the first ``labels`` columns name things, the others are numbers."""
+    table = Table(title=title)
+    for position, column in enumerate(columns):
+        table.add_column(column, justify="left" if position < labels else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _render(table: Table, lines: Iterable[str], width: int = 120) -> str:
+    """The table and the lines under it as plain text, ``width`` characters wide."""
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    console.print(table)
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+    return console.file.getvalue().rstrip()
+
+
+def _workload_line(workload: Workload) -> str:
+    return f"workload: batch {workload.batch_size} × {workload.max_tokens} tokens, KV cache in {workload.kv_dtype}"
 
 
 def _ledger_row(device: str, blocks: int, load: DeviceLoad) -> DeviceLedger:

@@ -2,18 +2,20 @@
 
 Every strategy is an ordered partition of the model's units (blocks, with tied blocks
 joined to the block that owns their tensor) over an ordered list of devices, each device
-taking one contiguous run. ``_pack`` is the one primitive: given how many batch×tokens of
-KV cache every device must hold, each device takes the longest run that fits. Because a
-device's cost only grows as its run grows, the greedy packing finds a feasible partition
-whenever one exists, so a binary search over the KV tokens finds the best split exactly.
+taking one contiguous run that it holds with a given batch×tokens of KV cache: the one
+search (``search.pack``, and its limits for the most tokens that fit). What the compute
+devices cannot hold goes to CPU memory, then disk (``split_offload``).
 """
 
 import copy
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from itertools import accumulate
 
-from ..devices import device_order, is_accelerator, normalize_device
+from ..devices import describe_budgets, device_order, is_accelerator, normalize_device
 from ..errors import DeviceMapError, DoesNotFitError
 from ..model.profile import Profile
 from ..units import format_size
@@ -21,13 +23,40 @@ from ..workload import Workload
 from .ledger import STREAM_COPIES, DeviceLoad, Unit, assign, price_units
 from .manual import plan_manual
 from .plan import Placement, Plan
+from .search import Open, largest_limit, pack, smallest_limit
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 OFFLOAD_TIERS = ("cpu", "disk")
-_SHARE_STEPS = 50
-
+_SHARE_STEPS = 2**50  # the share search divides a budget into this many steps: 50 halvings
 Groups = list[list[Unit]]
 LoadFactory = Callable[[str], DeviceLoad]
+Placed = tuple[list[Placement], list[str]]  # placements and the reasons for them
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An offloaded unit and the tier keeping its weights."""
+
+    unit: Unit
+    tier: str
+
+
+@dataclass(frozen=True)
+class Offloaded:
+    """An offloaded unit, the tier keeping its weights and the device computing it."""
+
+    unit: Unit
+    tier: str
+    execution_device: str
+
+
+@dataclass(frozen=True)
+class OffloadSplit:
+    """The leading units the compute devices keep, the offloaded rest, and why."""
+
+    resident: tuple[Unit, ...]
+    offloaded: tuple[Offloaded, ...]
+    reasons: tuple[str, ...]
 
 
 def make_plan(
@@ -49,97 +78,144 @@ def make_plan(
     """
     workload = (workload or Workload()).resolve(profile.max_context, profile.dtype)
     budgets = dict(sorted(budgets.items(), key=lambda item: device_order(item[0])))
-    if isinstance(device_map, Mapping):
-        placements, reasons = plan_manual(profile, budgets, workload, device_map)
-        return _finish(profile, workload, budgets, "manual", placements, reasons, offload)
-    if isinstance(device_map, str) and device_map.strip().lower() in STRATEGIES:
-        strategy = device_map.strip().lower()
-        placements, reasons = _plan_strategy(profile, budgets, workload, strategy, offload)
-        return _finish(profile, workload, budgets, strategy, placements, reasons, offload)
-    device = _single_device(device_map)
-    placements, reasons = _plan_single(profile, budgets, workload, device)
-    return _finish(profile, workload, budgets, device, placements, reasons, offload)
-
-
-def _finish(profile, workload, budgets, strategy, placements, reasons, offload) -> Plan:
+    strategy, (placements, reasons) = _place(profile, budgets, workload, device_map, offload)
     plan = Plan(profile, workload, tuple(budgets.items()), strategy, tuple(placements), tuple(reasons))
     if not offload:
         _refuse_offload(plan)
     return plan
 
 
-def _plan_strategy(profile, budgets, workload, strategy, offload):
+def _place(
+    profile: Profile, budgets: dict[str, int], workload: Workload, device_map: str | int | Mapping, offload: bool
+) -> tuple[str, Placed]:
+    """The strategy's name (a device's, for one device), with its placements and reasons."""
+    if isinstance(device_map, Mapping):
+        return "manual", plan_manual(profile, budgets, workload, device_map)
+    if isinstance(device_map, str) and device_map.strip().lower() in STRATEGIES:
+        strategy = device_map.strip().lower()
+        return strategy, _plan_strategy(profile, budgets, workload, strategy, offload)
+    device = _single_device(device_map)
+    return device, _plan_single(profile, budgets, workload, device)
+
+
+def _plan_strategy(
+    profile: Profile, budgets: dict[str, int], workload: Workload, strategy: str, offload: bool
+) -> Placed:
     units = price_units(profile, workload)
     tokens = workload.batch_size * workload.max_tokens
-    accelerators = [device for device in budgets if is_accelerator(device)]
-    compute = accelerators or ["cpu"]
+    compute = _compute_devices(budgets)
     tiers = [tier for tier in OFFLOAD_TIERS if tier in budgets and tier not in compute] if offload else []
+    if strategy == "balanced_low_0" and len(compute) > 1:
+        low_0 = _plan_low_0(units, compute, budgets, tokens)
+        if low_0 is not None:
+            return low_0
+    split = split_offload(units, compute, tiers, budgets, tokens)
+    if split is None:
+        raise _does_not_fit(profile, units, budgets, workload, compute, tiers, offload)
+    if strategy == "sequential":
+        groups = _pack(split.resident, compute, _loads_with(budgets, tokens, split.offloaded), tokens)
+        reason = f"sequential: filled {', '.join(compute)} in order, each keeping its reserves"
+    else:
+        groups, capacity = _balance(split.resident, compute, budgets, split.offloaded, tokens)
+        reason = _balanced_reason(strategy, compute, capacity, workload)
+    return _placements(groups, compute, split.offloaded), [reason, *split.reasons]
+
+
+def _compute_devices(budgets: Mapping[str, int]) -> list[str]:
+    """The accelerators, or the CPU when there are none."""
+    accelerators = [device for device in budgets if is_accelerator(device)]
     if "cpu" not in budgets and not accelerators:
         raise DeviceMapError(
             f"the budgets name no device that can compute ({', '.join(budgets)}); give a budget for "
             "'cpu' or an accelerator"
         )
-    if strategy == "balanced_low_0" and len(accelerators) > 1:
-        low_0 = _plan_low_0(units, accelerators, budgets, tokens)
-        if low_0 is not None:
-            return low_0
-    split = _split_offload(units, compute, tiers, budgets, tokens)
-    if split is None:
-        raise _does_not_fit(profile, units, budgets, workload, compute, tiers, offload)
-    resident, offloaded, reasons = split
-    loads = _factory(budgets, tokens, offloaded)
-    if strategy == "sequential":
-        groups = _pack(resident, compute, loads, tokens)
-        reasons.insert(0, f"sequential: filled {', '.join(compute)} in order, each keeping its reserves")
-    else:
-        groups, capacity = _balance(resident, compute, loads, tokens)
-        reasons.insert(0, _balanced_reason(strategy, compute, capacity, workload))
-    return _placements(groups, compute, offloaded), reasons
+    return accelerators or ["cpu"]
 
 
-def _plan_low_0(units, accelerators, budgets, tokens):
+def _plan_low_0(units: list[Unit], accelerators: list[str], budgets: dict[str, int], tokens: int) -> Placed | None:
     """GPU 0 takes the shortest leading run that lets the other accelerators hold the rest."""
     first, rest = accelerators[0], accelerators[1:]
-    loads = _factory(budgets, tokens, [])
-    for cut in range(len(units) + 1):
-        head = _pack(units[:cut], [first], loads, tokens)
-        if head is None:
-            return None
-        if _pack(units[cut:], rest, loads, tokens) is not None:
-            groups, capacity = _balance(units[cut:], rest, loads, tokens)
-            reasons = [
-                f"balanced_low_0: {first} holds {cut} of {len(units)} blocks, the fewest that let "
-                f"{', '.join(rest)} hold the rest with the workload's reserves",
-                _capacity_reason(capacity, tokens),
-            ]
-            return _placements(head + groups, accelerators, []), reasons
-    return None
+    loads = _loads_with(budgets, tokens, ())
+    cut = smallest_limit(
+        lambda cut: None if _pack(units[cut:], rest, loads, tokens) is None else cut, 0, len(units)
+    )
+    if cut is None or _pack(units[:cut], [first], loads, tokens) is None:
+        return None
+    groups, capacity = _balance(units[cut:], rest, budgets, (), tokens)
+    reasons = [
+        f"balanced_low_0: {first} holds {cut} of {len(units)} blocks, the fewest that let "
+        f"{', '.join(rest)} hold the rest with the workload's reserves",
+        _capacity_reason(capacity, tokens),
+    ]
+    return _placements([units[:cut], *groups], accelerators, ()), reasons
 
 
-def _split_offload(units, compute, tiers, budgets, tokens):
-    """Keep the longest leading run on the compute devices; the rest goes to CPU, then disk.
+def _balance(
+    units: Sequence[Unit], devices: Sequence[str], budgets: dict[str, int], offloaded: Sequence[Offloaded], tokens: int
+) -> tuple[Groups, float]:
+    """The contiguous split that lets the most batch×tokens of KV cache fit, and that amount.
 
-    Returns (resident units, [(unit, tier, execution device)], reasons), or None if nothing
-    fits. Offloaded units execute on the last compute device, which keeps room for their
-    KV cache and for streaming the largest of them. Where no split lets one device hold
-    all of that, they are spread over the compute devices instead, each executing its
-    share (by budget) and keeping room to stream its own.
+    With nothing cached per token, the split that leaves the fullest device least full.
+    Offloaded units already charged to a device cache per token there too, so they count.
     """
-    for spread in (False, True) if len(compute) > 1 else (False,):
+    loads = _loads_with(budgets, tokens, offloaded)
+    rate = sum(unit.kv_bytes_per_token for unit in units) + sum(loads(device).kv_bytes_per_token for device in devices)
+    if rate == 0:
+
+        def within_share(step: int) -> Groups | None:
+            shares = {device: budget * (step / _SHARE_STEPS) for device, budget in budgets.items()}
+            return _pack(units, devices, _loads_with(shares, tokens, offloaded), tokens)
+
+        return smallest_limit(within_share, 1, _SHARE_STEPS), float("inf")
+    high = max(tokens, int(sum(loads(device).budget_bytes for device in devices) / rate) + 1)
+    groups = largest_limit(lambda limit: _pack(units, devices, loads, limit), tokens, high)
+    return groups, min(_capacity(loads(device), group) for device, group in zip(devices, groups))
+
+
+def _capacity(load: DeviceLoad, units: Sequence[Unit]) -> float:
+    load.place(*units)
+    return load.token_capacity()
+
+
+def split_offload(
+    units: Sequence[Unit], compute: Sequence[str], tiers: Sequence[str], budgets: Mapping[str, int], tokens: int
+) -> OffloadSplit | None:
+    """Keep the longest leading run on the compute devices; the rest goes to CPU, then disk. None if nothing fits.
+
+    Offloaded units execute on the last compute device, which keeps room for their KV
+    cache and for streaming the largest of them. Where no split lets one device hold all
+    of that, they are spread over the compute devices instead, each executing its share
+    (by budget) and keeping room to stream its own.
+
+    >>> from devicemap.planning.ledger import price_units
+    >>> from devicemap.model.profile import Block, Profile
+    >>> from devicemap.workload import Workload
+    >>> toy = Profile("toy", "float32", tuple(Block(f"layers.{i}", 10) for i in range(5)))
+    >>> units = price_units(toy, Workload(1, 1, "float32"))
+    >>> split = split_offload(units, ["cuda:0"], ["cpu"], {"cuda:0": 45, "cpu": 100}, 1)
+    >>> len(split.resident), [(o.unit.name, o.tier, o.execution_device) for o in split.offloaded][0]
+    (2, ('layers.2', 'cpu', 'cuda:0'))
+    """
+    for execute in (_on_last, _spread) if len(compute) > 1 else (_on_last,):
         for cut in range(len(units), -1, -1):
             stored = _store_offloaded(units[cut:], tiers, budgets, tokens)
             if stored is None:
                 continue
-            offloaded = _spread(stored, compute, budgets) if spread else [(u, t, compute[-1]) for u, t in stored]
-            loads = _factory(budgets, tokens, offloaded)
+            offloaded = execute(stored, compute, budgets)
+            loads = _loads_with(budgets, tokens, offloaded)
             if not all(loads(tier).fits(tokens) for tier in tiers):
                 continue
             if _pack(units[:cut], compute, loads, tokens) is not None:
-                return units[:cut], offloaded, _offload_reasons(units, cut, offloaded, compute)
+                reasons = _offload_reasons(units, cut, offloaded, compute)
+                return OffloadSplit(tuple(units[:cut]), offloaded, reasons)
     return None
 
 
-def _spread(stored, compute, budgets):
+def _on_last(stored: Sequence[Stored], compute: Sequence[str], budgets: Mapping[str, int]) -> tuple[Offloaded, ...]:
+    return tuple(Offloaded(s.unit, s.tier, compute[-1]) for s in stored)
+
+
+def _spread(stored: Sequence[Stored], compute: Sequence[str], budgets: Mapping[str, int]) -> tuple[Offloaded, ...]:
     """Give each compute device a run of the offloaded units, in order, in proportion to its budget."""
     total = sum(budgets[device] for device in compute)
     offloaded, start, budget_so_far = [], 0, 0
@@ -147,129 +223,80 @@ def _spread(stored, compute, budgets):
         budget_so_far += budgets[device]
         share = budget_so_far / total if total > 0 else 0
         end = len(stored) if device == compute[-1] else round(len(stored) * share)
-        offloaded += [(unit, tier, device) for unit, tier in stored[start:end]]
+        offloaded += [Offloaded(s.unit, s.tier, device) for s in stored[start:end]]
         start = end
-    return offloaded
+    return tuple(offloaded)
 
 
-def _store_offloaded(units, tiers, budgets, tokens):
+def _store_offloaded(
+    units: Sequence[Unit], tiers: Sequence[str], budgets: Mapping[str, int], tokens: int
+) -> tuple[Stored, ...] | None:
     """Put units on the offload tiers in order; CPU keeps room for staging disk-bound weights."""
     if units and not tiers:
         return None
     placed, rest = [], list(units)
-    for position, tier in enumerate(tiers):
-        last_tier = position == len(tiers) - 1
-        count = len(rest) if last_tier else _tier_prefix(rest, tier, budgets, tokens)
-        placed += [(unit, tier) for unit in rest[:count]]
+    for tier in tiers:
+        count = len(rest) if tier == tiers[-1] else _tier_prefix(rest, tier, budgets)
+        placed += [Stored(unit, tier) for unit in rest[:count]]
         rest = rest[count:]
     loads = {device: DeviceLoad(budget, tokens) for device, budget in budgets.items()}
-    for unit, tier in placed:
-        loads[tier].store(unit)
-        if tier == "disk" and "cpu" in loads:
-            loads["cpu"].stream(unit)
-    if rest or any(not loads[tier].fits(tokens) for tier in tiers):
-        return None
-    return placed
+    for stored in placed:
+        loads[stored.tier].store(stored.unit)
+        if stored.tier == "disk" and "cpu" in loads:
+            loads["cpu"].stream(stored.unit)
+    return None if any(not loads[tier].fits(tokens) for tier in tiers) else tuple(placed)
 
 
-def _tier_prefix(units, tier, budgets, tokens) -> int:
+def _tier_prefix(units: list[Unit], tier: str, budgets: Mapping[str, int]) -> int:
     """How many leading units a tier can store, leaving room to stage the rest from disk."""
-    stored = [0]
-    for unit in units:
-        stored.append(stored[-1] + unit.weight_bytes)
-    staged = [0] * (len(units) + 1)
-    for index in range(len(units) - 1, -1, -1):
-        staged[index] = max(staged[index + 1], units[index].weight_bytes * STREAM_COPIES)
-    for count in range(len(units), -1, -1):
-        if stored[count] + staged[count] <= budgets[tier]:
-            return count
-    return 0
+    stored = list(accumulate((unit.weight_bytes for unit in units), initial=0))
+    staged = list(accumulate((unit.weight_bytes * STREAM_COPIES for unit in reversed(units)), max, initial=0))[::-1]
+    return next((count for count in range(len(units), -1, -1) if stored[count] + staged[count] <= budgets[tier]), 0)
 
 
-def _factory(budgets, tokens, offloaded) -> LoadFactory:
+def _pack(units: Sequence[Unit], devices: Sequence[str], loads: LoadFactory, tokens: float) -> Groups | None:
+    """One run of units per device, each within its budget with ``tokens`` batch×tokens cached; None if none fits."""
+    runs = pack(len(units), [_opener(loads(device), units, tokens) for device in devices])
+    return None if runs is None else [list(units[run.start : run.stop]) for run in runs]
+
+
+def _opener(charged: DeviceLoad, units: Sequence[Unit], tokens: float) -> Open:
+    """Opens runs on a device already charged as ``charged``; none if even an empty run does not fit."""
+    return partial(_LoadRun, charged, units, tokens) if charged.fits(tokens) else lambda start: None
+
+
+class _LoadRun:
+    """A run on a device, taking units while the device stays within its budget with ``tokens`` cached."""
+
+    def __init__(self, charged: DeviceLoad, units: Sequence[Unit], tokens: float, start: int):
+        self.charged, self.units, self.tokens, self.load = charged, units, tokens, None
+
+    def __call__(self, index: int) -> bool:
+        # Most runs are opened and replaced without growing: copy the device's load only once one grows.
+        self.load = self.load or copy.copy(self.charged)
+        return self.load.take(self.units[index], self.tokens)
+
+
+def _loads_with(budgets: Mapping[str, int], tokens: int, offloaded: Sequence[Offloaded]) -> LoadFactory:
     """Fresh loads per device, already charged for the offloaded units where they are kept and execute."""
     loads = {name: DeviceLoad(budget, tokens) for name, budget in budgets.items()}
-    for unit, tier, execution_device in offloaded:
-        assign(loads, unit, tier, execution_device)
+    for o in offloaded:
+        assign(loads, o.unit, o.tier, o.execution_device)
     return lambda device: copy.copy(loads[device])
 
 
-def _pack(units, devices, make_load: LoadFactory, tokens: float, share: float = 1.0) -> Groups | None:
-    """Each device in turn takes the longest run of units that fits; None if some are left."""
-    groups, index = [], 0
-    for device in devices:
-        load, group = make_load(device), []
-        while index < len(units) and load.would_fit(units[index], tokens, share):
-            load.store(units[index])
-            load.execute(units[index])
-            group.append(units[index])
-            index += 1
-        if not load.fits(tokens, share):
-            return None
-        groups.append(group)
-    return groups if index == len(units) else None
-
-
-def _balance(units, devices, make_load: LoadFactory, tokens: int) -> tuple[Groups, float]:
-    """The contiguous split that lets the most batch×tokens of KV cache fit, and that amount.
-
-    With nothing cached per token, the split that leaves the fullest device least full.
-    Offloaded units already charged to a device cache per token there too, so they count.
-    """
-    rate = sum(unit.kv_bytes_per_token for unit in units) + sum(
-        make_load(device).kv_bytes_per_token for device in devices
-    )
-    if rate == 0:
-        return _balance_shares(units, devices, make_load, tokens), float("inf")
-    low = tokens
-    high = max(low, int(sum(make_load(device).budget_bytes for device in devices) / rate) + 1)
-    while low < high:
-        middle = (low + high + 1) // 2
-        if _pack(units, devices, make_load, middle) is None:
-            high = middle - 1
-        else:
-            low = middle
-    return _pack(units, devices, make_load, low), _capacity(units, devices, make_load, low)
-
-
-def _balance_shares(units, devices, make_load, tokens) -> Groups:
-    low, high = 0.0, 1.0
-    for _ in range(_SHARE_STEPS):
-        middle = (low + high) / 2
-        if _pack(units, devices, make_load, tokens, middle) is None:
-            low = middle
-        else:
-            high = middle
-    return _pack(units, devices, make_load, tokens, high)
-
-
-def _capacity(units, devices, make_load, tokens) -> float:
-    capacities = []
-    for device, group in zip(devices, _pack(units, devices, make_load, tokens)):
-        load = make_load(device)
-        for unit in group:
-            load.store(unit)
-            load.execute(unit)
-        capacities.append(load.token_capacity())
-    return min(capacities)
-
-
-def _placements(groups: Groups, devices, offloaded) -> list[Placement]:
+def _placements(groups: Groups, devices: Sequence[str], offloaded: Sequence[Offloaded]) -> list[Placement]:
     placements = [
         Placement(block.name, device, device)
         for device, group in zip(devices, groups)
         for unit in group
         for block in unit.blocks
     ]
-    placements += [
-        Placement(block.name, tier, execution_device)
-        for unit, tier, execution_device in offloaded
-        for block in unit.blocks
-    ]
+    placements += [Placement(block.name, o.tier, o.execution_device) for o in offloaded for block in o.unit.blocks]
     return placements
 
 
-def _single_device(device_map) -> str:
+def _single_device(device_map: str | int) -> str:
     try:
         return normalize_device(device_map)
     except DeviceMapError:
@@ -279,7 +306,7 @@ def _single_device(device_map) -> str:
         ) from None
 
 
-def _plan_single(profile, budgets, workload, device):
+def _plan_single(profile: Profile, budgets: dict[str, int], workload: Workload, device: str) -> Placed:
     if device == "disk":
         raise DeviceMapError(
             "device_map='disk' cannot compute anything; use 'cpu' or an accelerator, or 'auto' "
@@ -290,11 +317,8 @@ def _plan_single(profile, budgets, workload, device):
             f"device_map={device!r} names a device with no budget; the budgets cover "
             f"{', '.join(budgets)}; add max_memory for {device} or pick one of those"
         )
-    units = price_units(profile, workload)
     load = DeviceLoad(budgets[device], workload.batch_size * workload.max_tokens)
-    for unit in units:
-        load.store(unit)
-        load.execute(unit)
+    load.place(*price_units(profile, workload))
     if not load.fits():
         raise DoesNotFitError(
             f"everything on {device} needs {format_size(load.used_bytes())} ({_breakdown(load)}) "
@@ -312,17 +336,17 @@ def _breakdown(load: DeviceLoad) -> str:
     )
 
 
-def _does_not_fit(profile, units, budgets, workload, compute, tiers, offload) -> DoesNotFitError:
-    tokens = workload.batch_size * workload.max_tokens
-    total = DeviceLoad(0, tokens)
-    for unit in units:
-        total.store(unit)
-        total.execute(unit)
+def _does_not_fit(
+    profile: Profile, units: list[Unit], budgets: dict[str, int], workload: Workload, compute: list[str],
+    tiers: list[str], offload: bool,
+) -> DoesNotFitError:  # fmt: skip
+    total = DeviceLoad(0, workload.batch_size * workload.max_tokens)
+    total.place(*units)
     usable = {device: budgets[device] for device in [*compute, *tiers]}
     needs = (
         f"{profile.name} needs {format_size(total.used_bytes())} ({_breakdown(total)}) for "
         f"{workload.batch_size} × {workload.max_tokens}-token sequences; the budgets add to "
-        f"{format_size(sum(usable.values()))} ({', '.join(f'{d} {format_size(b)}' for d, b in usable.items())})"
+        f"{format_size(sum(usable.values()))} ({describe_budgets(usable)})"
     )
     smaller = "or use a smaller workload (batch_size or max_tokens) or dtype"
     if tiers:
@@ -345,7 +369,7 @@ def _does_not_fit(profile, units, budgets, workload, compute, tiers, offload) ->
 
 def _refuse_offload(plan: Plan) -> None:
     """Offloading keeps a block's weights away from where it computes: on disk, or in CPU memory for a GPU."""
-    offloaded = [placement for placement in plan.placements if placement.device != placement.execution_device]
+    offloaded = plan.offloaded()
     if not offloaded:
         return
     by_name = {block.name: block for block in plan.profile.blocks}
@@ -355,18 +379,19 @@ def _refuse_offload(plan: Plan) -> None:
     raise DoesNotFitError(
         f"with offload=False every block must stay on the device it computes on, but {len(offloaded)} "
         f"block(s) ({format_size(offloaded_bytes)}, from {offloaded[0].block}) would be kept on {kept} and "
-        f"computed on {computing}; the budgets are "
-        f"{', '.join(f'{d} {format_size(b)}' for d, b in plan.budgets)}; add accelerator memory, "
-        "shrink the workload or dtype, or allow offload"
+        f"computed on {computing}; the budgets are {describe_budgets(dict(plan.budgets))}; add accelerator "
+        "memory, shrink the workload or dtype, or allow offload"
     )
 
 
-def _offload_reasons(units, cut, offloaded, compute) -> list[str]:
+def _offload_reasons(
+    units: Sequence[Unit], cut: int, offloaded: Sequence[Offloaded], compute: Sequence[str]
+) -> tuple[str, ...]:
     if not offloaded:
-        return []
-    tiers = sorted({tier for _, tier, _ in offloaded}, key=device_order)
-    offloaded_bytes = sum(unit.weight_bytes for unit, _, _ in offloaded)
-    executing = Counter(device for _, _, device in offloaded)
+        return ()
+    tiers = sorted({o.tier for o in offloaded}, key=device_order)
+    offloaded_bytes = sum(o.unit.weight_bytes for o in offloaded)
+    executing = Counter(o.execution_device for o in offloaded)
     if len(executing) == 1:
         where = next(iter(executing))
     else:
@@ -374,14 +399,14 @@ def _offload_reasons(units, cut, offloaded, compute) -> list[str]:
         shares = ", ".join(f"{device} ({count})" for device, count in executing.items())
         where = f"{shares}, spread so that no one device holds the KV cache of them all"
     verb = "holds" if len(compute) == 1 else "hold"
-    return [
+    return (
         f"{', '.join(compute)} {verb} {cut} of {len(units)} blocks with the workload's reserves; the last "
         f"{len(offloaded)} ({format_size(offloaded_bytes)}) are kept on {' then '.join(tiers)} and "
-        f"execute on {where}"
-    ]
+        f"execute on {where}",
+    )
 
 
-def _balanced_reason(strategy, compute, capacity, workload) -> str:
+def _balanced_reason(strategy: str, compute: Sequence[str], capacity: float, workload: Workload) -> str:
     return (
         f"{strategy}: contiguous split over {', '.join(compute)} that maximises the KV cache that fits; "
         + _capacity_reason(capacity, workload.batch_size * workload.max_tokens)

@@ -6,120 +6,35 @@ ledger. A pipeline runs as fast as its slowest stage, so among the splits that f
 one whose slowest stage reads the fewest bytes per decode step wins: an output head is
 as costly as several layers, an embedding lookup costs almost nothing. Weights tied
 across stages (an embedding reused as the head) are held by both stages that use them.
-Only when no split fits the ranks' budgets may a rank offload the tail of its stage to
-its own CPU memory or disk (``stage_offload``).
+
+Only when no split fits the ranks' budgets may a rank keep the tail of its stage in its
+own CPU memory or disk. The same search then lets a rank's run grow past its budget as
+long as the planner's own rule (``planner.split_offload``) can place it, counting an
+offloaded block's decode reads ``OFFLOADED_READ_WEIGHT`` times: a rank with room keeps
+more blocks rather than letting another offload them. Each rank's final placement is
+the planner's ``make_plan`` over a profile of just its stage's blocks.
 """
 
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
-from rich.console import Console
-from rich.table import Table
-
+from ..devices import describe_budgets
 from ..errors import DoesNotFitError, PipelineError
 from ..model.profile import Profile
 from ..units import format_size, parse_size
 from ..workload import Workload
 from .ledger import DeviceLoad, Unit, price_units
-from .plan import Placement, Plan
-from .stage_offload import OFFLOADED_READ_WEIGHT, RankOffload, describe_allowances, smallest_limit, split_offloading
+from .plan import Placement, Plan, Stage, StagePlan
+from .planner import OFFLOAD_TIERS, make_plan, split_offload
+from .search import pack, smallest_limit
+
+# Host memory reads at a tenth of a GPU's speed or less, disk at a tenth of host memory's:
+# one weight for both keeps the search simple and still keeps offloading a last resort.
+OFFLOADED_READ_WEIGHT = 10
 
 RankBudgets = Mapping[int | str, int | str] | Sequence[int | str] | str
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One rank's share of the model and what it must hold, in bytes, for the workload.
-
-    ``weight_bytes`` are kept on the rank's device; ``offloaded`` are (block, "cpu" or
-    "disk") pairs, ``offloaded_bytes`` in all, kept in the rank's host memory or on its
-    disk and brought to the device through ``stream_bytes`` of room there when they run.
-    """
-
-    rank: int
-    blocks: tuple[str, ...]
-    weight_bytes: int
-    kv_bytes: int
-    activation_bytes: int
-    budget_bytes: int
-    stream_bytes: int = 0
-    offloaded: tuple[tuple[str, str], ...] = ()
-    offloaded_bytes: int = 0
-
-    @property
-    def used_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.activation_bytes + self.stream_bytes
-
-    def offload_summary(self) -> str:
-        """How much of the stage is offloaded and where, e.g. "4 blocks, 54.0 MiB on disk"; "—" when none."""
-        if not self.offloaded:
-            return "—"
-        tiers = dict.fromkeys(tier for _, tier in self.offloaded)
-        noun = "block" if len(self.offloaded) == 1 else "blocks"
-        return f"{len(self.offloaded)} {noun}, {format_size(self.offloaded_bytes)} on {' then '.join(tiers)}"
-
-    @property
-    def free_bytes(self) -> int:
-        return self.budget_bytes - self.used_bytes
-
-    def span(self) -> str:
-        """The first and last block, e.g. "model.embed_tokens … model.layers.14"."""
-        if len(self.blocks) == 1:
-            return self.blocks[0]
-        return f"{self.blocks[0]} … {self.blocks[-1]}"
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """The stages of a pipeline over ranks, with the workload and reasons behind them.
-
-    >>> plan = split_stages(profile, [2 * 2**30, 4 * 2**30])  # doctest: +SKIP
-    >>> plan.stages[1].blocks[-1]  # doctest: +SKIP
-    'lm_head'
-    """
-
-    profile: Profile
-    workload: Workload
-    stages: tuple[Stage, ...]
-    reasons: tuple[str, ...] = ()
-
-    def blocks_of(self, rank: int) -> tuple[str, ...]:
-        return self.stages[rank].blocks
-
-    def table(self) -> Table:
-        """One row per rank: its blocks and its ledger."""
-        table = Table(title=f"{self.profile.name} · {self.profile.dtype} · pipeline of {len(self.stages)} stages")
-        offloading = any(stage.offloaded for stage in self.stages)
-        columns = ("rank", "blocks", "count", "weights", "KV cache", "activations")
-        columns += ("streaming", "offloaded") if offloading else ()
-        for column in (*columns, "budget", "free"):
-            table.add_column(column, justify="left" if column in ("rank", "blocks") else "right")
-        for stage in self.stages:
-            sizes = (stage.weight_bytes, stage.kv_bytes, stage.activation_bytes)
-            offload = (format_size(stage.stream_bytes), stage.offload_summary()) if offloading else ()
-            table.add_row(
-                str(stage.rank),
-                stage.span(),
-                str(len(stage.blocks)),
-                *(format_size(size) for size in sizes),
-                *offload,
-                format_size(stage.budget_bytes),
-                format_size(stage.free_bytes),
-            )
-        return table
-
-    def __str__(self) -> str:
-        # Offloading adds two columns; a wider page keeps each rank on one line.
-        width = 150 if any(stage.offloaded for stage in self.stages) else 120
-        console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
-        console.print(self.table())
-        workload = self.workload
-        console.print(f"workload: batch {workload.batch_size} × {workload.max_tokens} tokens, KV cache in "
-                      f"{workload.kv_dtype}", highlight=False)
-        for reason in self.reasons:
-            console.print(f"- {reason}", highlight=False, soft_wrap=True)
-        return console.file.getvalue().rstrip()
+RankOffload = Mapping[str, int]
 
 
 def split_stages(
@@ -134,12 +49,12 @@ def split_stages(
     ``rank_budgets`` are bytes per rank, in rank order. Each rank must hold its blocks'
     weights and the workload's KV cache and activations, priced as the planner prices
     them; among the splits that fit, the one whose slowest stage reads the fewest bytes
-    per decode step is chosen exactly (binary search on that limit, each rank in turn
-    taking the longest run that fits under it while leaving a block for every later rank).
+    per decode step is chosen exactly (a binary search on that limit, ``search.pack``
+    finding a split under it whenever one exists).
 
     When no split fits, ``offload`` (per rank, bytes it may keep on "cpu" and "disk"; a
     ``device="cpu"`` rank computes in its CPU budget and offloads to disk only) lets ranks
-    keep the tail of their stage there, as ``stage_offload`` explains.
+    keep the tail of their stage there, as this module's docstring explains.
 
     >>> from devicemap.model.profile import Block, Profile
     >>> layers = tuple(Block(f"layers.{i}", 10) for i in range(4))
@@ -156,13 +71,28 @@ def split_stages(
     workload = (workload or Workload()).resolve(staged.max_context, staged.dtype)
     units = price_units(staged, workload)
     step_bytes = [_step_bytes(unit, index, workload) for index, unit in enumerate(units)]
-    groups = _balance(units, step_bytes, rank_budgets, workload)
+    tokens = workload.batch_size * workload.max_tokens
+    ranks = [_rank_device(rank) for rank in range(len(rank_budgets))]
+    alone = [_RankMemory(rank, {rank: budget}, tokens) for rank, budget in zip(ranks, rank_budgets)]
+    groups = _split_ranks(units, step_bytes, alone, sum(step_bytes))
     if groups is None and offload is not None:
-        local_plans = split_offloading(staged, units, step_bytes, rank_budgets, workload, offload, device)
-        if local_plans is not None:
-            return _offloading_stage_plan(staged, workload, local_plans, rank_budgets)
+        memories = [
+            _rank_memory(rank, budget, allowance, device, tokens)
+            for rank, (budget, allowance) in enumerate(zip(rank_budgets, offload, strict=True))
+        ]
+        offloading = _split_ranks(units, step_bytes, memories, sum(step_bytes) * OFFLOADED_READ_WEIGHT)
+        if offloading is not None:
+            plans = [_local_plan(staged, units, group, memory, workload) for group, memory in zip(offloading, memories)]
+            return _offloading_stage_plan(staged, workload, plans, rank_budgets)
     if groups is None:
         raise _does_not_fit(staged, rank_budgets, workload, offload)
+    return _stage_plan(staged, workload, units, step_bytes, groups, rank_budgets)
+
+
+def _stage_plan(
+    profile: Profile, workload: Workload, units: list[Unit], step_bytes: list[int], groups: list[range],
+    rank_budgets: Sequence[int],
+) -> StagePlan:  # fmt: skip
     placements = tuple(
         Placement(block.name, _rank_device(rank), _rank_device(rank))
         for rank, group in enumerate(groups)
@@ -176,8 +106,9 @@ def split_stages(
         f"at half the workload's length): the slowest reads {format_size(slowest)} of "
         f"{format_size(sum(step_bytes))} in all"
     )
-    plan = Plan(staged, workload, budgets, "pipeline", placements, (reason,))
-    return StagePlan(staged, workload, _stages(plan, rank_budgets), plan.reasons + (_capacity_reason(plan),))
+    plan = Plan(profile, workload, budgets, "pipeline", placements, (reason,))
+    stages = tuple(_stage(rank, plan, device, budget) for rank, (device, budget) in enumerate(budgets))
+    return StagePlan(profile, workload, stages, plan.reasons + (_capacity_reason(plan),))
 
 
 def _step_bytes(unit: Unit, index: int, workload: Workload) -> int:
@@ -193,48 +124,86 @@ def _step_bytes(unit: Unit, index: int, workload: Workload) -> int:
     return weights + round(unit.kv_bytes_per_token * workload.batch_size * workload.max_tokens / 2)
 
 
-def _balance(units: list[Unit], step_bytes: list[int], rank_budgets: Sequence[int], workload: Workload):
-    """Index groups, one per rank, minimising the largest group's step bytes; None if none fits."""
-    tokens = workload.batch_size * workload.max_tokens
-    return smallest_limit(
-        lambda limit: _pack(units, step_bytes, rank_budgets, tokens, limit), max(step_bytes), sum(step_bytes)
-    )
+@dataclass(frozen=True)
+class _RankMemory:
+    """Where one rank computes and the bytes it may use there and on its offload tiers, if any."""
 
+    compute: str
+    budgets: Mapping[str, int]
+    tokens: int
 
-def _pack(units, step_bytes, rank_budgets, tokens, limit) -> list[list[int]] | None:
-    """Each rank in turn takes the longest run within its budget and ``limit``, leaving one unit per later rank."""
-    groups, index = [], 0
-    for rank, budget in enumerate(rank_budgets):
-        later_ranks = len(rank_budgets) - rank - 1
-        load, group, read = DeviceLoad(budget, tokens), [], 0
-        while (
-            index < len(units) - later_ranks
-            and (not group or read + step_bytes[index] <= limit)
-            and load.would_fit(units[index], tokens)
-        ):
-            load.store(units[index])
-            load.execute(units[index])
-            read += step_bytes[index]
-            group.append(index)
-            index += 1
-        if not group or read > limit:
+    def weighted_reads(self, units: list[Unit], step_bytes: list[int], start: int, stop: int) -> int | None:
+        """The decode reads of ``units[start:stop]``, offloaded ones weighted; None if the run cannot be placed."""
+        tiers = [tier for tier in OFFLOAD_TIERS if tier in self.budgets and tier != self.compute]
+        split = split_offload(units[start:stop], [self.compute], tiers, dict(self.budgets), self.tokens)
+        if split is None:
             return None
-        groups.append(group)
-    return groups if index == len(units) else None
+        middle = start + len(split.resident)
+        return sum(step_bytes[start:middle]) + OFFLOADED_READ_WEIGHT * sum(step_bytes[middle:stop])
 
 
-def _stages(plan: Plan, rank_budgets: Sequence[int]) -> tuple[Stage, ...]:
-    rows = {row.device: row for row in plan.ledger}
-    return tuple(
-        Stage(
-            rank=rank,
-            blocks=tuple(p.block for p in plan.placements if p.device == _rank_device(rank)),
-            weight_bytes=rows[_rank_device(rank)].weight_bytes + rows[_rank_device(rank)].buffer_bytes,
-            kv_bytes=rows[_rank_device(rank)].kv_bytes,
-            activation_bytes=rows[_rank_device(rank)].activation_bytes,
-            budget_bytes=budget,
-        )
-        for rank, budget in enumerate(rank_budgets)
+def _rank_memory(rank: int, budget: int, allowance: RankOffload, device: str, tokens: int) -> _RankMemory:
+    if device == "cpu":
+        # A CPU rank's own memory is its budget: it can offload only to disk.
+        return _RankMemory("cpu", {"cpu": budget, "disk": allowance.get("disk", 0)}, tokens)
+    tiers = {tier: allowance[tier] for tier in OFFLOAD_TIERS if tier in allowance}
+    return _RankMemory(f"cuda:{rank}", {f"cuda:{rank}": budget, **tiers}, tokens)
+
+
+def _local_plan(profile: Profile, units: list[Unit], group: range, memory: _RankMemory, workload: Workload) -> Plan:
+    names = {block.name for index in group for block in units[index].blocks}
+    stage = replace(profile, blocks=tuple(block for block in profile.blocks if block.name in names), tied=())
+    return make_plan(stage, memory.budgets, workload, "auto")
+
+
+def _split_ranks(
+    units: list[Unit], step_bytes: list[int], memories: list[_RankMemory], high: int
+) -> list[range] | None:
+    """One non-empty run per rank, its slowest rank reading the fewest (weighted) bytes per step; None if none fits."""
+
+    def split_within(limit: int) -> list[range] | None:
+        return pack(len(units), [partial(_RankRun, units, step_bytes, memory, limit) for memory in memories], 1)
+
+    return smallest_limit(split_within, max(step_bytes), high)
+
+
+class _RankRun:
+    """A rank's run from ``start``: takes each next unit while the rank can place the run within ``limit``."""
+
+    def __init__(self, units: list[Unit], step_bytes: list[int], memory: _RankMemory, limit: int, start: int):
+        self.units, self.step_bytes, self.memory, self.limit, self.start = units, step_bytes, memory, limit, start
+        self.load = DeviceLoad(memory.budgets[memory.compute], memory.tokens)
+        self.reads, self.overflowed = 0, False
+
+    def __call__(self, index: int) -> bool:
+        # While the run fits the device the running ledger decides cheaply; once it does
+        # not (and a run only grows), the planner's split says what is offloaded.
+        self.overflowed = self.overflowed or not self.load.take(self.units[index], self.memory.tokens)
+        if self.overflowed:
+            reads = self.memory.weighted_reads(self.units, self.step_bytes, self.start, index + 1)
+        else:
+            reads = self.reads + self.step_bytes[index]
+        if reads is None or reads > self.limit:
+            return False
+        self.reads = reads
+        return True
+
+
+def _stage(rank: int, plan: Plan, device: str, budget: int) -> Stage:
+    """What a rank computing on ``device`` holds under ``plan``, and what it keeps on its CPU memory or disk."""
+    row = next(row for row in plan.ledger if row.device == device)
+    sizes = {block.name: block.weight_bytes for block in plan.profile.blocks}
+    offloaded = tuple((p.block, p.device) for p in plan.offloaded() if p.execution_device == device)
+    return Stage(
+        rank=rank,
+        blocks=tuple(p.block for p in plan.placements if p.execution_device == device),
+        weight_bytes=row.weight_bytes + row.buffer_bytes,
+        kv_bytes=row.kv_bytes,
+        activation_bytes=row.activation_bytes,
+        budget_bytes=budget,
+        stream_bytes=row.stream_bytes,
+        offloaded=offloaded,
+        offloaded_bytes=sum(sizes[block] for block, _ in offloaded),
     )
 
 
@@ -242,36 +211,22 @@ def _offloading_stage_plan(
     profile: Profile, workload: Workload, local_plans: list[Plan], rank_budgets: Sequence[int]
 ) -> StagePlan:
     """Stages from each rank's own plan: what its device holds, and what its CPU memory or disk keeps."""
-    stages, reasons = [], [
+    computing = [local.placements[0].execution_device for local in local_plans]
+    ranks = enumerate(zip(local_plans, computing, rank_budgets))
+    stages = tuple(_stage(rank, local, device, budget) for rank, (local, device, budget) in ranks)
+    reasons = [
         f"no split fits the ranks' budgets, so ranks keep the tail of their stage on their own CPU memory or "
         f"disk; stages balance decode reads with offloaded blocks counted {OFFLOADED_READ_WEIGHT}× (read from "
         "a slower tier at every step)"
     ]
-    for rank, (local, budget) in enumerate(zip(local_plans, rank_budgets)):
-        compute = local.placements[0].execution_device
-        row = next(row for row in local.ledger if row.device == compute)
-        sizes = {block.name: block.weight_bytes for block in local.profile.blocks}
-        offloaded = tuple((p.block, p.device) for p in local.offloaded())
-        stages.append(
-            Stage(
-                rank=rank,
-                blocks=tuple(block.name for block in local.profile.blocks),
-                weight_bytes=row.weight_bytes + row.buffer_bytes,
-                kv_bytes=row.kv_bytes,
-                activation_bytes=row.activation_bytes,
-                budget_bytes=budget,
-                stream_bytes=row.stream_bytes,
-                offloaded=offloaded,
-                offloaded_bytes=sum(sizes[block] for block, _ in offloaded),
-            )
-        )
-        if offloaded:
-            reasons.append(
-                f"rank {rank} keeps {len(offloaded)} of its {len(local.placements)} blocks "
-                f"({format_size(stages[-1].offloaded_bytes)}, from {offloaded[0][0]}) on "
-                f"{' then '.join(dict.fromkeys(tier for _, tier in offloaded))}, computing them on its {compute}"
-            )
-    return StagePlan(profile, workload, tuple(stages), tuple(reasons))
+    reasons += [
+        f"rank {stage.rank} keeps {len(stage.offloaded)} of its {len(stage.blocks)} blocks "
+        f"({format_size(stage.offloaded_bytes)}, from {stage.offloaded[0][0]}) on "
+        f"{' then '.join(dict.fromkeys(tier for _, tier in stage.offloaded))}, computing them on its {device}"
+        for stage, device in zip(stages, computing)
+        if stage.offloaded
+    ]
+    return StagePlan(profile, workload, stages, tuple(reasons))
 
 
 def _capacity_reason(plan: Plan) -> str:
@@ -296,10 +251,7 @@ def parse_rank_budgets(max_memory: RankBudgets | None, stages: int) -> dict[int,
         max_memory = dict(_split_assignment(part) for part in max_memory.split(",") if part.strip())
     if not isinstance(max_memory, Mapping):
         max_memory = dict(enumerate(max_memory))
-    budgets = {}
-    for key, size in max_memory.items():
-        rank = _rank_of(key, stages)
-        budgets[rank] = parse_size(size)
+    budgets = {_rank_of(key, stages): parse_size(size) for key, size in max_memory.items()}
     return dict(sorted(budgets.items()))
 
 
@@ -343,13 +295,12 @@ def _does_not_fit(
     profile: Profile, rank_budgets: Sequence[int], workload: Workload, offload: Sequence[RankOffload] | None
 ) -> DoesNotFitError:
     total = DeviceLoad(0, workload.batch_size * workload.max_tokens)
-    for unit in price_units(profile, workload):
-        total.store(unit)
-        total.execute(unit)
+    total.place(*price_units(profile, workload))
+    budgets = describe_budgets({f"rank {rank}": budget for rank, budget in enumerate(rank_budgets)})
     return DoesNotFitError(
         f"{profile.name} needs {format_size(total.used_bytes())} (weights, KV cache and activations, tied "
         f"weights counted on each stage that uses them) for {workload.batch_size} × {workload.max_tokens}-token "
-        f"sequences, but the {len(rank_budgets)} ranks' budgets ({_describe(rank_budgets)}) add up to "
+        f"sequences, but the {len(rank_budgets)} ranks' budgets ({budgets}) add up to "
         f"{format_size(sum(rank_budgets))} and no contiguous split fits{_offload_note(offload)}; give the ranks "
         "more memory, use more stages, or a smaller workload or dtype"
     )
@@ -358,13 +309,13 @@ def _does_not_fit(
 def _offload_note(offload: Sequence[RankOffload] | None) -> str:
     if offload is None:
         return ", and offload is off"
-    return f", even offloading the tail of a stage ({describe_allowances(offload)})"
+    allowances = ", ".join(
+        f"rank {rank} " + (" and ".join(f"{tier} {format_size(size)}" for tier, size in allowance.items()) or "none")
+        for rank, allowance in enumerate(offload)
+    )
+    return f", even offloading the tail of a stage ({allowances})"
 
 
 def _rank_device(rank: int) -> str:
     # The planner plans over named computing devices; each rank stands in as one.
     return f"cuda:{rank}"
-
-
-def _describe(rank_budgets: Sequence[int]) -> str:
-    return ", ".join(f"rank {rank} {format_size(budget)}" for rank, budget in enumerate(rank_budgets))

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from ..devices import device_order, is_accelerator, normalize_device
 from ..errors import DeviceMapError, DeviceNotFoundError
 from ..model.profile import Profile
-from ..units import format_size
+from ..units import first_of, format_size
 from ..workload import Workload
 from .ledger import DeviceLoad, assign, price_units
 from .plan import Placement
@@ -91,12 +91,12 @@ def _block_devices(profile: Profile, targets: dict[str, str]) -> dict[str, str]:
             devices[block.name] = distinct[0]
     if uncovered:
         raise DeviceMapError(
-            f"the device map covers no device for {len(uncovered)} weight(s): {_listing(uncovered)}; "
+            f"the device map covers no device for {len(uncovered)} weight(s): {first_of(uncovered, _LISTED)}; "
             "add entries for them, or a '' entry as the default"
         )
     if split:
         raise DeviceMapError(
-            f"the device map splits block(s) that run as one unit across devices: {_listing(split)}; "
+            f"the device map splits block(s) that run as one unit across devices: {first_of(split, _LISTED)}; "
             "map each of them to one device"
         )
     return _with_buffer_blocks_beside_neighbours(profile, devices)
@@ -164,7 +164,3 @@ def _warn_over_budget(profile, budgets, workload, placements) -> None:
                 stacklevel=4,
             )
 
-
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:_LISTED])
-    return shown if len(names) <= _LISTED else f"{shown} and {len(names) - _LISTED} more"

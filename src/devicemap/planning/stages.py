@@ -22,7 +22,7 @@ from functools import partial
 from ..devices import describe_budgets
 from ..errors import DoesNotFitError, PipelineError
 from ..model.profile import Profile
-from ..units import format_size, parse_size
+from ..units import format_size, parse_size, split_assignments
 from ..workload import Workload
 from .ledger import DeviceLoad, Unit, price_units
 from .plan import Placement, Plan, Stage, StagePlan
@@ -248,7 +248,7 @@ def parse_rank_budgets(max_memory: RankBudgets | None, stages: int) -> dict[int,
     if max_memory is None:
         return {}
     if isinstance(max_memory, str):
-        max_memory = dict(_split_assignment(part) for part in max_memory.split(",") if part.strip())
+        max_memory = dict(split_assignments(max_memory, key="RANK", example="0=8GiB,1=8GiB"))
     if not isinstance(max_memory, Mapping):
         max_memory = dict(enumerate(max_memory))
     budgets = {_rank_of(key, stages): parse_size(size) for key, size in max_memory.items()}
@@ -263,13 +263,6 @@ def _rank_of(key: int | str, stages: int) -> int:
             f"name ranks 0 to {stages - 1}, e.g. '0=8GiB,1=8GiB'"
         )
     return int(text)
-
-
-def _split_assignment(part: str) -> tuple[str, str]:
-    rank, sep, size = part.partition("=")
-    if not sep or not rank.strip() or not size.strip():
-        raise PipelineError(f"max_memory entry {part.strip()!r} is not RANK=SIZE; write e.g. '0=8GiB,1=8GiB'")
-    return rank.strip(), size.strip()
 
 
 def _copy_tied_weights(profile: Profile) -> Profile:

@@ -121,3 +121,23 @@ def test_every_layer_is_a_package_and_every_top_level_module_has_a_layer():
 def test_devicemap_plan_is_the_function_and_no_module_shadows_it():
     assert callable(devicemap.plan)
     assert not (PACKAGE / "plan.py").exists() and not (PACKAGE / "plan").exists()
+
+
+def _module_map() -> str:
+    readme = (PACKAGE.parent.parent / "README.md").read_text()
+    section = readme[readme.index("## What is where") :]
+    return section[section.index("```") + 3 : section.index("```", section.index("```") + 3)]
+
+
+def test_the_readme_module_map_names_every_module_and_package_of_the_tree():
+    named = set(_module_map().split())
+    modules = {path.name for path in PACKAGE.rglob("*.py") if path.parent.name != "__pycache__"}
+    packages = {f"{path.name}/" for path in PACKAGE.iterdir() if (path / "__init__.py").is_file()}
+    assert sorted((modules - {"__init__.py"}) - named) == []
+    assert sorted(packages - named) == []
+
+
+def test_the_readme_module_map_names_nothing_the_tree_lacks():
+    files = {path.name for path in PACKAGE.rglob("*.py")}
+    mentioned = {word for word in _module_map().split() if word.endswith(".py")}
+    assert sorted(mentioned - files) == []

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +118,14 @@ def test_an_offload_folder_that_cannot_be_created_exits_2_naming_it_and_why(llam
     code = main(["plan", str(llama_70b_config), "--offload-folder", str(blocker / "offload")])
     assert code == 2
     assert f"--offload-folder {blocker / 'offload'} cannot be used: {blocker} is a file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_offload_folder_on_a_file_system_that_takes_no_files_exits_2_naming_it(llama_70b_config, capsys):
+    code = main(["plan", str(llama_70b_config), "--offload-folder", "/proc/offload", "--max-memory", "cpu=10GiB"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--offload-folder /proc/offload cannot be used: nothing can be created in /proc" in err
 
 
 def test_a_gpu_this_machine_lacks_is_named_as_missing(demo_model, capsys):

@@ -13,7 +13,9 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -169,17 +171,23 @@ def _check_max_memory(text: str | None) -> None:
 
 
 def _check_offload_folder(folder: str | None) -> None:
+    """An offload folder that cannot be written would count as a disk with 0 bytes free: say why instead."""
     if folder is None:
         return
     path = Path(folder).expanduser().absolute()
     existing = next(parent for parent in (path, *path.parents) if parent.exists())
     if not existing.is_dir():
         raise DeviceMapError(f"--offload-folder {folder} cannot be used: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    try:
+        with tempfile.TemporaryDirectory(dir=existing):
+            pass
+    except OSError as error:
         raise DeviceMapError(
-            f"--offload-folder {folder} cannot be used: this process may not write into {existing}; "
+            f"--offload-folder {folder} cannot be used: nothing can be created in {existing} ({error.strerror}); "
             "name a folder on a disk you can write"
-        )
+        ) from None
+    if shutil.disk_usage(existing).free == 0:
+        raise DeviceMapError(f"--offload-folder {folder} cannot be used: the disk of {existing} has 0 bytes free")
 
 
 def _load_dtype(dtype: str | None) -> str | None:

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +250,27 @@ def test_a_prompt_from_a_file(demo_model, tmp_path, capsys):
     code = main(["generate", str(demo_model), "--file", str(prompt), "--json", "--max-new-tokens", "2"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)[0]["prompt"] == "What is machine learning?"
+
+
+def test_the_plan_table_names_the_blocks_each_device_holds_and_counts_them_as_the_reasons_do(demo_model, capsys):
+    code = main(["plan", str(demo_model), "--max-memory", "cpu=150MB", "--max-tokens", "64"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"│ cpu +│ +2 │ embed_tokens, lm_head", out)
+    assert re.search(r"│ disk +│ +32 │ layers 0-29, norm, rotary_emb", out)
+    assert "cpu holds 2 of 34 blocks with the workload's reserves; the last 32 (" in out
+
+
+def test_plan_says_which_strategies_give_the_same_plan(llama_70b_config, capsys):
+    main(["plan", str(llama_70b_config), "--max-memory", "0=80GiB,1=80GiB,disk=1TiB"])
+    assert "- auto, balanced give this same plan" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="this machine has a cuda:1")
+def test_planning_for_gpus_this_machine_lacks_takes_no_disk_budget_unless_asked(llama_70b_config, capsys):
+    main(["plan", str(llama_70b_config), "--max-memory", "0=80GiB,1=80GiB", "--json"])
+    assert "disk" not in dict(Plan.from_json(capsys.readouterr().out).budgets)
+    main(["plan", str(llama_70b_config), "--max-memory", "0=80GiB,1=80GiB"])
+    assert "no disk budget, as this machine lacks cuda:0, cuda:1; add disk=SIZE" in capsys.readouterr().out
+    main(["plan", str(llama_70b_config), "--max-memory", "0=80GiB,1=80GiB,disk=1TiB", "--json"])
+    assert dict(Plan.from_json(capsys.readouterr().out).budgets)["disk"] == 2**40

@@ -28,6 +28,7 @@ _STRATEGY_HELP = (
     "auto, balanced, balanced_low_0, sequential, one device (0, cuda:1, cpu), "
     "or a JSON file holding a manual map or a saved plan"
 )
+_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _LOAD_DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
@@ -130,22 +131,51 @@ def _device_map_argument(value: str):
 
 def _run_plan(args) -> int:
     from .pipeline.api import plan_stages
-    from .planning.api import plan
+    from .planning.api import profile_of
+    from .planning.planner import make_plan
     from .workload import Workload
 
     workload = Workload(args.batch_size, args.max_tokens, args.kv_dtype)
+    placement = _placement(args)
     if args.pipeline:
-        stage_plan = plan_stages(args.model, args.pipeline, workload=workload, **_placement(args))
+        stage_plan = plan_stages(args.model, args.pipeline, workload=workload, **placement)
         print(json.dumps(asdict(stage_plan), indent=1) if args.json else stage_plan)
         return 0
-    result = plan(args.model, _device_map_argument(args.strategy), workload=workload, **_placement(args))
+    profile = profile_of(args.model, placement["dtype"])
+    budgets, notes = _planning_budgets(args.max_memory, args.offload_folder)
+    result = make_plan(profile, budgets, workload, _device_map_argument(args.strategy), placement["offload"])
     if args.map:
         print(json.dumps(result.device_map, indent=1))
     elif args.json:
         print(json.dumps({"device_map": result.device_map, **json.loads(result.to_json())}, indent=1))
     else:
-        print(result)
+        same = [name for name in _STRATEGIES if _places_alike(result, profile, budgets, workload, placement, name)]
+        notes += [f"{', '.join(same)} give this same plan"] if len(same) > 1 else []
+        print("\n".join([str(result), *(f"- {note}" for note in notes)]))
     return 0
+
+
+def _planning_budgets(max_memory: str | None, offload_folder: str | None) -> tuple[dict[str, int], list[str]]:
+    """Budgets for a machine that is not this one leave this machine's free disk out, unless disk is named."""
+    from .devices import available_devices, parse_max_memory, planning_budgets
+
+    budgets = planning_budgets(max_memory, offload_folder)
+    named = parse_max_memory(max_memory)
+    lacking = [device for device in named if device not in available_devices()]
+    if not lacking or "disk" in named:
+        return budgets, []
+    note = f"no disk budget, as this machine lacks {', '.join(lacking)}; add disk=SIZE to --max-memory to offload"
+    return {device: size for device, size in budgets.items() if device != "disk"}, [note]
+
+
+def _places_alike(result, profile, budgets: dict[str, int], workload, placement: dict, strategy: str) -> bool:
+    """Whether ``strategy`` places every block as ``result`` does."""
+    from .planning.planner import make_plan
+
+    try:
+        return make_plan(profile, budgets, workload, strategy, placement["offload"]).placements == result.placements
+    except DeviceMapError:
+        return False  # a strategy that does not fit gives no plan to compare
 
 
 def _placement(args) -> dict:
@@ -306,7 +336,7 @@ def _check_device_exists(device_map) -> None:
     """A single accelerator that this machine lacks, said plainly before the planner asks for its budget."""
     from .devices import available_devices, normalize_device
 
-    if not isinstance(device_map, (int, str)) or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+    if not isinstance(device_map, (int, str)) or device_map in _STRATEGIES:
         return
     device = normalize_device(device_map)
     if device not in available_devices():

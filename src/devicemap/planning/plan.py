@@ -106,7 +106,7 @@ class Plan:
         return tuple(p for p in self.placements if p.device != p.execution_device)
 
     def __str__(self) -> str:
-        console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=False)
+        console = Console(file=io.StringIO(), width=150, color_system=None, force_terminal=False)
         console.print(self.table())
         for line in self.summary():
             console.print(line, highlight=False, soft_wrap=True)
@@ -115,13 +115,14 @@ class Plan:
     def table(self) -> Table:
         """The per-device ledger as a rich table."""
         table = Table(title=f"{self.profile.name} · {self.profile.dtype} · {self.strategy}")
-        columns = ("device", "blocks", "weights", "buffers", "KV cache", "activations", "streaming", "budget", "free")
+        columns = ("device", "blocks", "holds", "weights", "buffers", "KV cache", "activations", "streaming", "budget", "free")
         for column in columns:
-            table.add_column(column, justify="left" if column == "device" else "right")
+            table.add_column(column, justify="left" if column in ("device", "holds") else "right")
         for row in self.ledger:
             table.add_row(
                 row.device,
                 str(row.blocks),
+                describe_blocks([p.block for p in self.placements if p.device == row.device]),
                 *(format_size(size) for size in (row.weight_bytes, row.buffer_bytes, row.kv_bytes)),
                 *(format_size(size) for size in (row.activation_bytes, row.stream_bytes, row.budget_bytes)),
                 format_size(row.free_bytes),
@@ -171,6 +172,30 @@ class Plan:
             placements=tuple(Placement(**p) for p in data["placements"]),
             reasons=tuple(data["reasons"]),
         )
+
+
+def describe_blocks(names: list[str]) -> str:
+    """Block names in short, numbered runs collapsed, in the order given.
+
+    >>> describe_blocks(["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2", "lm_head"])
+    'embed_tokens, layers 0-2, lm_head'
+    """
+    runs: list[tuple[str, int | None, int | None]] = []  # (name, first, last number), None when not numbered
+    for name in names:
+        *path, last = name.split(".")
+        if not (path and last.isdigit()):
+            runs.append((last, None, None))
+        elif runs and runs[-1][0] == path[-1] and runs[-1][2] == int(last) - 1:
+            runs[-1] = (path[-1], runs[-1][1], int(last))
+        else:
+            runs.append((path[-1], int(last), int(last)))
+    return ", ".join(_describe_run(*run) for run in runs) or "—"
+
+
+def _describe_run(name: str, first: int | None, last: int | None) -> str:
+    if first is None:
+        return name
+    return f"{name} {first}" if first == last else f"{name} {first}-{last}"
 
 
 def _ledger_row(device: str, blocks: int, load: DeviceLoad) -> DeviceLedger:

@@ -108,8 +108,8 @@ def _plan_low_0(units, accelerators, budgets, tokens):
         if _pack(units[cut:], rest, loads, tokens) is not None:
             groups, capacity = _balance(units[cut:], rest, loads, tokens)
             reasons = [
-                f"balanced_low_0: {first} holds {cut} of {len(units)} blocks, the fewest that let "
-                f"{', '.join(rest)} hold the rest with the workload's reserves",
+                f"balanced_low_0: {first} holds {_block_count(units[:cut])} of {_block_count(units)} blocks, "
+                f"the fewest that let {', '.join(rest)} hold the rest with the workload's reserves",
                 _capacity_reason(capacity, tokens),
             ]
             return _placements(head + groups, accelerators, []), reasons
@@ -375,10 +375,16 @@ def _offload_reasons(units, cut, offloaded, compute) -> list[str]:
         where = f"{shares}, spread so that no one device holds the KV cache of them all"
     verb = "holds" if len(compute) == 1 else "hold"
     return [
-        f"{', '.join(compute)} {verb} {cut} of {len(units)} blocks with the workload's reserves; the last "
-        f"{len(offloaded)} ({format_size(offloaded_bytes)}) are kept on {' then '.join(tiers)} and "
+        f"{', '.join(compute)} {verb} {_block_count(units[:cut])} of {_block_count(units)} blocks with the "
+        f"workload's reserves; the last {_block_count(unit for unit, _, _ in offloaded)} "
+        f"({format_size(offloaded_bytes)}) are kept on {' then '.join(tiers)} and "
         f"execute on {where}"
     ]
+
+
+def _block_count(units) -> int:
+    """Blocks, as the plan's table counts them: a unit's tied followers count too."""
+    return sum(len(unit.blocks) for unit in units)
 
 
 def _balanced_reason(strategy, compute, capacity, workload) -> str:

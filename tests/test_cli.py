@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from devicemap.cli import main
 from devicemap.planning.plan import Plan
+from devicemap.runtime.prompts import tokenize
 
 LLAMA_3_70B = {
     "architectures": ["LlamaForCausalLM"],
@@ -274,3 +275,9 @@ def test_planning_for_gpus_this_machine_lacks_takes_no_disk_budget_unless_asked(
     assert "no disk budget, as this machine lacks cuda:0, cuda:1; add disk=SIZE" in capsys.readouterr().out
     main(["plan", str(llama_70b_config), "--max-memory", "0=80GiB,1=80GiB,disk=1TiB", "--json"])
     assert dict(Plan.from_json(capsys.readouterr().out).budgets)["disk"] == 2**40
+
+
+def test_a_system_message_opens_the_chat(demo_model):
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    ids = tokenize(tokenizer, ["Hi"], chat=True, system="Answer in French.")["input_ids"][0]
+    assert tokenizer.decode(ids).index("Answer in French.") < tokenizer.decode(ids).index("Hi")

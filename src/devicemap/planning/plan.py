@@ -102,17 +102,20 @@ class Plan:
         return tuple(p for p in self.placements if p.device != p.execution_device)
 
     def __str__(self) -> str:
-        return _render(self.table(), self.summary())
+        return _render(self.table(), self.summary(), width=150)
 
     def table(self) -> Table:
         """The per-device ledger as a rich table."""
-        columns = ("device", "blocks", "weights", "buffers", "KV cache", "activations", "streaming", "budget", "free")
+        columns = ("device", "blocks", "holds", "weights", "buffers", "KV cache", "activations", "streaming", "budget",
+                   "free")  # fmt: skip
         rows = [
-            (row.device, str(row.blocks), *map(format_size, (row.weight_bytes, row.buffer_bytes, row.kv_bytes,
-             row.activation_bytes, row.stream_bytes, row.budget_bytes, row.free_bytes)))
+            (row.device, str(row.blocks), describe_blocks([p.block for p in self.placements if p.device == row.device]),
+             *map(format_size, (row.weight_bytes, row.buffer_bytes, row.kv_bytes, row.activation_bytes,
+                                row.stream_bytes, row.budget_bytes, row.free_bytes)))
             for row in self.ledger
         ]  # fmt: skip
-        return _ledger_table(f"{self.profile.name} · {self.profile.dtype} · {self.strategy}", columns, rows)
+        title = f"{self.profile.name} · {self.profile.dtype} · {self.strategy}"
+        return _ledger_table(title, columns, rows, left=("device", "holds"))
 
     def summary(self) -> list[str]:
         """Lines under the table: the workload, how much more fits, and why."""
@@ -223,7 +226,7 @@ class StagePlan:
             for stage in self.stages
         ]  # fmt: skip
         title = f"{self.profile.name} · {self.profile.dtype} · pipeline of {len(self.stages)} stages"
-        return _ledger_table(title, (*columns, "budget", "free"), rows, labels=2)
+        return _ledger_table(title, (*columns, "budget", "free"), rows, left=("rank", "blocks"))
 
     def __str__(self) -> str:
         # Offloading adds two columns; a wider page keeps each rank on one line.
@@ -232,11 +235,11 @@ class StagePlan:
         return _render(self.table(), lines, width)
 
 
-def _ledger_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], labels: int = 1) -> Table:
-    """Ledger rows as a rich table: the first ``labels`` columns name things, the others are numbers."""
+def _ledger_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], left: Sequence[str]) -> Table:
+    """Ledger rows as a rich table: the ``left`` columns name things, the others are numbers."""
     table = Table(title=title)
-    for position, column in enumerate(columns):
-        table.add_column(column, justify="left" if position < labels else "right")
+    for column in columns:
+        table.add_column(column, justify="left" if column in left else "right")
     for row in rows:
         table.add_row(*row)
     return table
@@ -253,6 +256,30 @@ def _render(table: Table, lines: Iterable[str], width: int = 120) -> str:
 
 def _workload_line(workload: Workload) -> str:
     return f"workload: batch {workload.batch_size} × {workload.max_tokens} tokens, KV cache in {workload.kv_dtype}"
+
+
+def describe_blocks(names: list[str]) -> str:
+    """Block names in short, numbered runs collapsed, in the order given.
+
+    >>> describe_blocks(["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2", "lm_head"])
+    'embed_tokens, layers 0-2, lm_head'
+    """
+    runs: list[tuple[str, int | None, int | None]] = []  # (name, first, last number), None when not numbered
+    for name in names:
+        *path, last = name.split(".")
+        if not (path and last.isdigit()):
+            runs.append((last, None, None))
+        elif runs and runs[-1][0] == path[-1] and runs[-1][2] == int(last) - 1:
+            runs[-1] = (path[-1], runs[-1][1], int(last))
+        else:
+            runs.append((path[-1], int(last), int(last)))
+    return ", ".join(_describe_run(*run) for run in runs) or "—"
+
+
+def _describe_run(name: str, first: int | None, last: int | None) -> str:
+    if first is None:
+        return name
+    return f"{name} {first}" if first == last else f"{name} {first}-{last}"
 
 
 def _ledger_row(device: str, blocks: int, load: DeviceLoad) -> DeviceLedger:

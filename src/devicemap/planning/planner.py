@@ -10,7 +10,7 @@ devices cannot hold goes to CPU memory, then disk (``split_offload``).
 import copy
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
@@ -143,8 +143,8 @@ def _plan_low_0(units: list[Unit], accelerators: list[str], budgets: dict[str, i
         return None
     groups, capacity = _balance(units[cut:], rest, budgets, (), tokens)
     reasons = [
-        f"balanced_low_0: {first} holds {cut} of {len(units)} blocks, the fewest that let "
-        f"{', '.join(rest)} hold the rest with the workload's reserves",
+        f"balanced_low_0: {first} holds {_block_count(units[:cut])} of {_block_count(units)} blocks, the fewest "
+        f"that let {', '.join(rest)} hold the rest with the workload's reserves",
         _capacity_reason(capacity, tokens),
     ]
     return _placements([units[:cut], *groups], accelerators, ()), reasons
@@ -400,10 +400,15 @@ def _offload_reasons(
         where = f"{shares}, spread so that no one device holds the KV cache of them all"
     verb = "holds" if len(compute) == 1 else "hold"
     return (
-        f"{', '.join(compute)} {verb} {cut} of {len(units)} blocks with the workload's reserves; the last "
-        f"{len(offloaded)} ({format_size(offloaded_bytes)}) are kept on {' then '.join(tiers)} and "
-        f"execute on {where}",
+        f"{', '.join(compute)} {verb} {_block_count(units[:cut])} of {_block_count(units)} blocks with the "
+        f"workload's reserves; the last {_block_count(o.unit for o in offloaded)} ({format_size(offloaded_bytes)}) "
+        f"are kept on {' then '.join(tiers)} and execute on {where}",
     )
+
+
+def _block_count(units: Iterable[Unit]) -> int:
+    """Blocks, as the plan's table counts them: a unit's tied followers count too."""
+    return sum(len(unit.blocks) for unit in units)
 
 
 def _balanced_reason(strategy: str, compute: Sequence[str], capacity: float, workload: Workload) -> str:

@@ -5,8 +5,12 @@ from collections.abc import Sequence
 import torch
 
 
-def tokenize(tokenizer, prompts: Sequence[str], chat: bool = False) -> dict[str, torch.Tensor]:
+def tokenize(
+    tokenizer, prompts: Sequence[str], chat: bool = False, system: str | None = None
+) -> dict[str, torch.Tensor]:
     """Left-padded token ids and mask for ``prompts``, wrapped in the chat template when ``chat``.
+
+    ``system``, when given with ``chat``, is the chat's system message.
 
     >>> from tokenizers import Tokenizer, models, pre_tokenizers
     >>> from transformers import PreTrainedTokenizerFast
@@ -18,8 +22,11 @@ def tokenize(tokenizer, prompts: Sequence[str], chat: bool = False) -> dict[str,
             [2, 3]])
     """
     if chat:
+        opening = [{"role": "system", "content": system}] if system is not None else []
         prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            tokenizer.apply_chat_template(
+                [*opening, {"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
             for p in prompts
         ]
     if tokenizer.pad_token is None:

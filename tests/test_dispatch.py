@@ -15,6 +15,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import devicemap
+from benchmarks.speed_pages import drop_pages, whole_files
+from devicemap.runtime.disk_reader import file_mappings
 from devicemap.runtime.dispatch import _Prefetcher, dispatch, is_dispatched, remove_dispatch
 from devicemap.runtime.load import load
 from devicemap.runtime.moving import moved
@@ -191,6 +193,10 @@ def test_tensors_in_a_slot_start_on_aligned_boundaries_one_after_another():
     assert offsets == [0, 256, 512] and total == 512
 
 
+def in_a_file_mapping(tensor: torch.Tensor) -> bool:
+    return any(mapping.start <= tensor.data_ptr() < mapping.end for mapping in file_mappings())
+
+
 def _mapped_bytes(folder: Path) -> int:
     """Bytes of files under ``folder`` that this process has mapped in memory now (smaps Rss)."""
     total, inside = 0, False
@@ -282,3 +288,21 @@ def test_outputs_return_to_the_inputs_device_and_the_cache_stays_with_its_layers
     assert output.logits.device.type == "cpu"
     layer_devices = [layer.keys.device.type for layer in output.past_key_values.layers]
     assert layer_devices == ["cpu", "cpu", "cpu", "cuda", "cpu", "cpu"]
+
+
+@linux
+def test_a_module_dispatched_onto_disk_reads_its_written_blocks_when_they_are_cold(tmp_path):
+    model = build_random_model("llama")
+    expected = logits(model, IDS)
+    dispatch(model, llama_map("disk"), offload_folder=tmp_path)
+    weights_in_a_file = []
+    q_proj = model.model.layers[5].self_attn.q_proj
+    q_proj.register_forward_pre_hook(lambda module, args: weights_in_a_file.append(in_a_file_mapping(module.weight)))
+    (folder,) = tmp_path.iterdir()
+    written = sorted(folder.iterdir())
+    for path in written:
+        with path.open("rb") as file:
+            os.fsync(file.fileno())  # only clean pages leave the page cache
+    drop_pages(whole_files(written))
+    assert torch.equal(logits(model, IDS), expected)
+    assert weights_in_a_file == [False], "read into the pager's buffer, not computed on the cold mapping"

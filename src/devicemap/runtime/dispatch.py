@@ -27,7 +27,6 @@ from ..planning.plan import Placement, Plan
 from ..planning.planner import make_plan
 from ..storage.offload import OffloadFiles
 from .moving import hook_encoder, moved, return_to_input_device
-from .disk_reader import ReadBlock
 from .paging import HostPager, page_ranges
 from .sliding import trim_windows_after
 from .streaming import AcceleratorStreamer, StreamedBlock
@@ -259,14 +258,7 @@ def _fetchers(blocks: list[PlacedBlock], executor: Executor, depth: int, disk_re
         if block.placement.execution_device == "cpu"
     }
     ranges = {name: pages for name, pages in ranges.items() if pages}
-    # Read into the pager's buffers whole: blocks whose parameters are theirs alone (see _streamed_parameters).
-    readable = [
-        ReadBlock(block.placement.block, tuple((t.owner, t.key) for t in block.tensors if t.is_parameter))
-        for block in offloaded
-        if block.placement.block not in nested
-        and all(references[id(t.value)] == 1 for t in block.tensors if t.is_parameter)
-    ]
-    pager = HostPager(ranges, executor, disk_resident_bytes, readable)
+    pager = HostPager(ranges, executor, disk_resident_bytes)
     fetchers = dict.fromkeys(ranges, pager)
     by_device: dict[str, list[StreamedBlock]] = {}
     for block in offloaded:

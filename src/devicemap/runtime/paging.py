@@ -2,15 +2,13 @@
 
 A block offloaded to disk and computed on the CPU computes on tensors that are views
 into a private mapping of a safetensors file; the kernel brings a page in on first
-touch. A block whose pages are all in memory computes there in place. One that is
-short of pages is read ahead into a reused buffer instead (``disk_reader``), so that
-the disk stays busy and the compute never waits on a page fault; where no buffer can
-take it, reading ahead (``MADV_WILLNEED``) turns the touch into a read that overlaps
-the block before. Letting go (``MADV_DONTNEED``) unmaps pages so the process's resident
-memory stays under a limit; the page cache keeps them, so touching them again costs a
-minor fault, not a read. Measured on SmolLM2-135M: releasing every block after use costs
-17–27 % of decode speed, which is why the default keeps pages mapped and leaves clean
-file pages to the kernel's reclaim.
+touch. Reading ahead (``MADV_WILLNEED``) turns that touch into a read that overlaps the
+block before: the whole block's reads are queued at once, in pieces the kernel honours
+whole, so the disk works on many of them together. Letting go (``MADV_DONTNEED``) unmaps
+pages so the process's resident memory stays under a limit; the page cache keeps them,
+so touching them again costs a minor fault, not a read. Measured on SmolLM2-135M:
+releasing every block after use costs 17–27 % of decode speed, which is why the default
+keeps pages mapped and leaves clean file pages to the kernel's reclaim.
 """
 
 import ctypes
@@ -18,13 +16,11 @@ import functools
 import mmap
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
-
-from .disk_reader import DiskReader, ReadBlock, file_mappings
 
 _MADV_WILLNEED = 3
 _MADV_DONTNEED = 4
@@ -32,9 +28,10 @@ _MADV_DONTNEED = 4
 _RESIDENT_BIT = bytes(value & 1 for value in range(256))
 # A block found in memory is looked at again after 1, 2, 4 … and at most this many of its runs.
 _MAX_CHECK_INTERVAL = 32
-# The kernel reads at most its read-ahead size (read_ahead_kb, 128 KiB unless a device sets
-# more) for one MADV_WILLNEED call; advice for a whole block in one call left ~75 % of an
-# 88 MiB block unread when it ran. Advice in pieces of the smallest default is honoured whole.
+# The kernel reads at most a device's read-ahead size (read_ahead_kb: 128 KiB unless the
+# device sets more) for one MADV_WILLNEED call, and drops the rest of the range: one call
+# for an 88 MiB block left ~75 % of it to page faults during its compute. Pieces of the
+# smallest default are honoured whole everywhere.
 _ADVICE_PIECE_BYTES = 128 * 1024
 
 
@@ -90,9 +87,18 @@ def file_backed(ranges: Iterable[PageRange]) -> bool:
     >>> file_backed(page_ranges([torch.empty(4096, dtype=torch.uint8)]))
     False
     """
-    mappings = file_mappings()
-    return bool(mappings) and all(
-        any(mapping.start <= item.start and item.start + item.length_bytes <= mapping.end for mapping in mappings)
+    if not sys.platform.startswith("linux"):
+        return False
+    mappings = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            # Anonymous mappings have no path; "[heap]" and the like are not files either.
+            if len(fields) >= 6 and fields[5].startswith("/"):
+                low, high = (int(bound, 16) for bound in fields[0].split("-"))
+                mappings.append((low, high))
+    return all(
+        any(low <= item.start and item.start + item.length_bytes <= high for low, high in mappings)
         for item in ranges
     )
 
@@ -100,8 +106,6 @@ def file_backed(ranges: Iterable[PageRange]) -> bool:
 class HostPager:
     """Reads the pages of CPU-computed disk blocks ahead of use, and keeps their mapped bytes under a limit.
 
-    Blocks of ``readable`` that are short of pages are read into the ``DiskReader``'s
-    slots; the others, and those no slot can take, get read-ahead advice for their mapping.
     ``resident_limit_bytes`` ``None`` never unmaps: the kernel reclaims clean file pages
     when memory runs short. With a limit, the blocks used longest ago are unmapped after
     use until the mapped bytes of disk blocks fit under it. Blocks whose tensors are not
@@ -113,29 +117,35 @@ class HostPager:
         ranges: Mapping[str, tuple[PageRange, ...]],
         executor: Executor,
         resident_limit_bytes: int | None = None,
-        readable: Sequence[ReadBlock] = (),
     ):
         self._ranges = dict(ranges)
         self._executor = executor
         self._limit_bytes = resident_limit_bytes
         self._releasable = {name for name, block in self._ranges.items() if file_backed(block)}
         self._mapped: OrderedDict[str, int] = OrderedDict()
-        # Blocks whose pages may not be mapped (let go, or last run from a slot): looking at
-        # them costs a page-cache lookup per page, so the thread looks.
         self._unmapped: set[str] = set()
+        self._found_in_memory: set[str] = set()
         self._interval = dict.fromkeys(self._ranges, 1)
         self._countdown = dict.fromkeys(self._ranges, 1)
         self._libc = _libc()
-        readable = [block for block in readable if block.name in self._ranges] if self._libc is not None else []
-        self._reader = DiskReader(readable, executor, self._needs_reading)
 
     def prepare(self, name: str) -> None:
-        """Block ``name`` runs next: unless it was in memory when last looked at, have a slot read it."""
-        if self._libc is not None and (self._interval[name] == 1 or self._reader.holds(name)):
-            self._reader.prepare(name)
+        """Block ``name`` runs next: if it was in memory when fetched ahead, look again.
+
+        Its pages may have gone since (memory short, a model bigger than memory): those
+        missing are then read all at once, with the disk working on many of them together,
+        rather than one page fault's read at a time.
+        """
+        if name not in self._found_in_memory:
+            return
+        self._found_in_memory.discard(name)
+        short = self._short(name)
+        if short:
+            self._executor.submit(self._advise_will_need, short)
+            self._interval[name] = self._countdown[name] = 1
 
     def fetch_ahead(self, name: str) -> None:
-        """Have the background thread start reading block ``name``, or its pages that are not in memory.
+        """Have the background thread start reading block ``name``'s pages that are not in memory.
 
         Looking costs ~5 µs per 7 MB of mapped pages, less than handing work to the thread,
         so it happens here; and a block found in memory is looked at after 1, 2, 4 … up to
@@ -143,28 +153,24 @@ class HostPager:
         """
         if self._libc is None:
             return
-        if self._reader.holds(name):
-            self._reader.fetch_ahead(name)
-            return
         self._countdown[name] -= 1
         if self._countdown[name] > 0:
             return
         if name in self._unmapped:
-            if not self._reader.fetch_ahead(name):
-                self._executor.submit(self._read_ahead, name)
+            # Unmapped pages cost a page-cache lookup each to look at: the thread looks.
+            self._executor.submit(self._read_ahead, name)
             short = True
         else:
             short = self._short(name)
-            if short and not self._reader.fetch_ahead(name):
+            if short:
                 self._executor.submit(self._advise_will_need, short)
+            else:
+                self._found_in_memory.add(name)
         self._interval[name] = 1 if short else min(2 * self._interval[name], _MAX_CHECK_INTERVAL)
         self._countdown[name] = self._interval[name]
 
     def _read_ahead(self, name: str) -> None:
         self._advise_will_need(self._short(name))
-
-    def _needs_reading(self, name: str) -> bool:
-        return bool(self._short(name))
 
     def _short(self, name: str) -> tuple[PageRange, ...]:
         """The ranges of block ``name`` with pages not in memory (mapped or in the page cache)."""
@@ -172,20 +178,15 @@ class HostPager:
 
     def _advise_will_need(self, ranges: tuple[PageRange, ...]) -> None:
         for item in ranges:
-            for start in range(item.start, item.start + item.length_bytes, _ADVICE_PIECE_BYTES):
-                length = min(_ADVICE_PIECE_BYTES, item.start + item.length_bytes - start)
-                self._libc.madvise(start, length, _MADV_WILLNEED)
+            end = item.start + item.length_bytes
+            for start in range(item.start, end, _ADVICE_PIECE_BYTES):
+                self._libc.madvise(start, min(_ADVICE_PIECE_BYTES, end - start), _MADV_WILLNEED)
 
     def bind(self, name: str) -> None:
-        """Point block ``name`` at its slot if it was read into one; else it computes on its mapping in place."""
-        self._reader.bind(name)
+        """Nothing to do before compute: the block computes on its mapped tensors in place."""
 
     def unbind(self, name: str) -> None:
         """Note that block ``name`` ran; unmap the oldest blocks while over the limit."""
-        if self._reader.unbind(name):
-            # It ran from a slot: its mapping was not touched.
-            self._unmapped.add(name)
-            return
         # Running touched every page of the block: they are mapped again.
         self._unmapped.discard(name)
         if self._limit_bytes is None or name not in self._releasable:

@@ -35,7 +35,6 @@ from .speed_cases import (
     cpu_cases,
     gpu_cases,
 )
-from .speed_cold import cold_rows, cold_table
 from .speed_checkpoints import (
     BenchModel,
     cache_folder,
@@ -46,6 +45,7 @@ from .speed_checkpoints import (
     read_every_byte,
     tinyllama_model,
 )
+from .speed_cold import cold_rows, cold_table
 from .speed_report import CaseResult, failures, report, rows_for, summary_line, table, write_json
 from .speed_worker import RESULT_PREFIX
 
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_cases(cases, settings, console)
     rows = rows_for(comparisons(cases), results)
     cold = cold_rows(results)
-    console.print(table(rows))
+    if rows:
+        console.print(table(rows))
     if cold:
         console.print(cold_table(cold))
     for line in failures(results):

@@ -5,7 +5,9 @@
 Each case runs in a fresh process, every run of every case in turn (so that a
 noisy neighbour slows both systems alike). The table shows the best run and the
 median; ratios are devicemap ÷ transformers and devicemap ÷ a physical reference,
-from the best runs, beside issue 4's targets. Results go to benchmarks/results/.
+from the best runs, beside issue 4's targets. A second table (``--only cold``, Linux,
+not with --quick) measures disk offload of the 1.1B model made cold before every
+decode step against max(compute, disk read). Results go to benchmarks/results/.
 """
 
 import argparse
@@ -28,6 +30,7 @@ from .speed_cases import (
     Case,
     Settings,
     SuiteModels,
+    cold_cases,
     comparisons,
     cpu_cases,
     gpu_cases,
@@ -42,6 +45,7 @@ from .speed_checkpoints import (
     read_every_byte,
     tinyllama_model,
 )
+from .speed_cold import cold_rows, cold_table
 from .speed_report import CaseResult, failures, report, rows_for, summary_line, table, write_json
 from .speed_worker import RESULT_PREFIX
 
@@ -69,11 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     cases = select(suite_cases(models, console), arguments.only)
     results = run_cases(cases, settings, console)
     rows = rows_for(comparisons(cases), results)
-    console.print(table(rows))
+    cold = cold_rows(results)
+    if rows:
+        console.print(table(rows))
+    if cold:
+        console.print(cold_table(cold))
     for line in failures(results):
         console.print(f"[red]failed[/red] {line}", highlight=False)
-    console.print(summary_line(rows))
-    path = write_json(report(settings, environment(), results, rows), arguments.results, datetime.now())
+    console.print(summary_line([*rows, *cold]))
+    data = {**report(settings, environment(), results, rows), "cold_rows": [asdict(row) for row in cold]}
+    path = write_json(data, arguments.results, datetime.now())
     console.print(f"results: {path}")
     return 0
 
@@ -136,10 +145,13 @@ def cpu_budget_map(model: BenchModel, settings: Settings) -> dict:
 
 
 def suite_cases(models: SuiteModels, console: Console) -> list[Case]:
-    """Every case of the run; the GPU ones only where CUDA is available."""
+    """Every case of the run; the cold ones only on Linux, the GPU ones only where CUDA is available."""
     checkpoints = [model for model in (models.demo_fp32, models.demo_bf16, models.tinyllama) if model is not None]
     counts = {model.name: layer_count(model) for model in checkpoints}
     cases = cpu_cases(models, counts)
+    if models.tinyllama is not None and sys.platform.startswith("linux"):
+        # Dropping a process's pages needs /proc/self/maps; counting its disk reads, /proc/self/io.
+        cases += cold_cases(models.tinyllama, counts[models.tinyllama.name])
     if not torch.cuda.is_available():
         console.print("[yellow]GPU cases skipped: CUDA is not available on this machine[/yellow]")
         return cases

@@ -17,6 +17,11 @@ CPU_BUDGET = "cpu-1GB"
 PER_BLOCK = "per-block"
 GPU = "gpu"
 GPU_HALF_CPU = "gpu-half-cpu"
+# A model bigger than memory: the disk blocks' pages are dropped before every decode step.
+COLD_ALL = "cold-all"
+COLD_HALF = "cold-half"
+COLD_COMPUTE = "cold-compute"
+COLD_DECODE = "cold-decode"
 CPU_BUDGET_BYTES = 10**9
 DECODE_SECTION = "decode, tokens/s"
 PREFILL_SECTION = "prefill (time to first token), s"
@@ -32,6 +37,9 @@ PLACEMENT_LABELS = {
     PER_BLOCK: "a hook per block",
     GPU: "all on GPU 0",
     GPU_HALF_CPU: "2nd half of layers CPU→GPU",
+    COLD_ALL: "all layers on disk, cold",
+    COLD_HALF: "2nd half of layers on disk, cold",
+    COLD_COMPUTE: "in memory: compute per token",
 }
 
 
@@ -44,6 +52,7 @@ class Settings:
     decode_prompt_tokens: int = 8
     prefill_tokens: int = 512
     prefill_tries: int = 3
+    cold_tokens: int = 8
     threads: int | None = None
     timeout_s: float = 1200.0
 
@@ -59,7 +68,9 @@ class Case:
     "plain" (the model with no hooks), "hooks" (the plain model through
     ``devicemap.dispatch``), "raw-read" (every byte of the files), "read-and-fill" (that,
     then fresh memory the size of the checkpoint at ``dtype``) or "h2d" (host to GPU
-    bandwidth). ``measures`` lists what to time after loading: "decode", "prefill".
+    bandwidth). "cold-read" reads every byte of the files with none of them in memory.
+    ``measures`` lists what to time after loading: "decode", "prefill", "cold-decode"
+    (decoding with the disk blocks' pages dropped before every step).
     """
 
     system: str
@@ -194,14 +205,32 @@ def gpu_cases(model: BenchModel, layer_count: int, offloaded_bytes: int) -> list
     return cases
 
 
+def cold_cases(model: BenchModel, layer_count: int) -> list[Case]:
+    """Disk offload as it is used, for a model bigger than memory: its disk blocks made cold before every step.
+
+    Both systems decode with all layers, then the second half, on disk; beside them, the
+    checkpoint's cold sequential read speed and the plain model's compute per token in
+    memory, which make each row's ideal (``speed_cold``).
+    """
+    cases = [
+        Case("cold-read", model.name, str(model.folder), "files", model.dtype),
+        Case("plain", model.name, str(model.folder), COLD_COMPUTE, model.dtype, None, ("decode",)),
+    ]
+    for placement, first_offloaded in ((COLD_ALL, 0), (COLD_HALF, layer_count // 2)):
+        cases += model_cases(model, placement, layer_map(layer_count, first_offloaded, "disk"), (COLD_DECODE,))
+    return cases
+
+
 def comparisons(cases: list[Case]) -> list[Comparison]:
     """The table's rows for ``cases``, in the order of issue 4's targets.
 
     Rows are made from the devicemap cases of the full suite, then kept where the run
     has either system's case, so that ``--only transformers`` still shows its column.
+    Cold cases have a table of their own (``speed_cold``).
     """
     keys = {case.key for case in cases}
-    everything = [replace(case, system="devicemap") if case.system == "transformers" else case for case in cases]
+    warm = [case for case in cases if COLD_DECODE not in case.measures]
+    everything = [replace(case, system="devicemap") if case.system == "transformers" else case for case in warm]
     rows = decode_rows(everything) + prefill_rows(everything) + load_rows(everything)
     return [row for row in dict.fromkeys(rows) if row.devicemap in keys or row.transformers in keys]
 

@@ -207,8 +207,8 @@ def failures(results: dict[str, CaseResult]) -> list[str]:
     return [f"{key}: {result.error}" for key, result in results.items() if result.error]
 
 
-def summary_line(rows: list[Row]) -> str:
-    """How many targets passed, failed, or could not be judged.
+def summary_line(rows: list) -> str:
+    """How many targets of ``rows`` (of either table: anything with a ``verdict``) passed, failed, or could not be judged.
 
     >>> summary_line([])
     'targets: 0 pass, 0 fail, 0 n/a'

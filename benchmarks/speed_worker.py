@@ -14,11 +14,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .speed_checkpoints import converted_bytes, read_every_byte
+from .speed_cases import COLD_DECODE
+from .speed_checkpoints import converted_bytes, read_every_byte, weight_files
+from .speed_pages import disk_ranges, drop_pages, last_read_s, read_bytes, whole_files
 
 RESULT_PREFIX = "RESULT "
 _H2D_BYTES = 256 * 2**20
@@ -39,6 +42,8 @@ def measure(case: dict, settings: dict) -> dict:
     """The figures of one run of ``case`` (a ``Case`` as a dict)."""
     if case["system"] == "raw-read":
         return time_raw_read(Path(case["folder"]))
+    if case["system"] == "cold-read":
+        return time_cold_read(Path(case["folder"]))
     if case["system"] == "read-and-fill":
         return time_read_and_fill(Path(case["folder"]), case["dtype"])
     if case["system"] == "h2d":
@@ -55,6 +60,21 @@ def time_raw_read(folder: Path) -> dict:
     start = time.perf_counter()
     read_bytes = read_every_byte(folder)
     return {"read_s": time.perf_counter() - start, "read_bytes": read_bytes}
+
+
+def time_cold_read(folder: Path) -> dict:
+    """Bytes per second read from the folder's safetensors files, one after another, with none of their
+    pages in memory: the disk's sequential read speed, the floor of a cold disk block's read.
+
+    >>> time_cold_read(Path("tinyllama-1.1b-random-bfloat16"))  # doctest: +SKIP
+    {'read_s': 1.05, 'read_bytes': 2200152064, 'disk_read_bytes': 2200152064, 'cold_read_bytes_per_s': 2.1e9}
+    """
+    drop_pages(whole_files(weight_files(folder)))
+    before = read_bytes()
+    figures = time_raw_read(folder)
+    figures["disk_read_bytes"] = read_bytes() - before
+    figures["cold_read_bytes_per_s"] = figures["read_bytes"] / figures["read_s"]
+    return figures
 
 
 def time_read_and_fill(folder: Path, dtype: str) -> dict:
@@ -109,6 +129,8 @@ def measure_model(case: dict, settings: dict) -> dict:
             figures.update(time_decode(model, case, settings))
         if "prefill" in case["measures"]:
             figures.update(time_prefill(model, case, settings))
+        if COLD_DECODE in case["measures"]:
+            figures.update(time_cold_decode(model, case, settings, Path(offload_folder)))
         figures["peak_rss_bytes"] = peak_rss_bytes()
     return figures
 
@@ -219,6 +241,62 @@ def time_prefill(model, case: dict, settings: dict) -> dict:
     return {"prefill_s": min(tries_s), "prefill_tries_s": tries_s}
 
 
+def time_cold_decode(model, case: dict, settings: dict, offload_folder: Path) -> dict:
+    """Greedy decoding with the pages of the case's disk blocks dropped before every step, as for a
+    model bigger than memory: each step's time (the dropping left out) and the bytes it read from disk.
+
+    The disk blocks are the checkpoint's tensors the map puts on disk, and whatever either
+    system wrote into its offload folder. The prompt's step is not a decode step.
+    """
+    disk = disk_ranges(Path(case["folder"]), case["device_map"])
+    prompt = prompt_ids(model, settings["decode_prompt_tokens"], case)
+    generate(model, prompt, 2)
+    clock = ColdClock(lambda: drop_pages(disk + whole_files(_files_under(offload_folder))))
+    new_tokens = settings["cold_tokens"]
+    output = generate(model, prompt, new_tokens, clock)
+    steps_s, reads_bytes = clock.steps_s[1:], clock.reads_bytes[1:]
+    return {
+        "cold_step_s": statistics.median(steps_s),
+        "cold_steps_s": steps_s,
+        "cold_read_bytes_per_token": statistics.mean(reads_bytes),
+        "cold_reads_bytes": reads_bytes,
+        "tokens": output[0, -new_tokens:].tolist(),
+    }
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return [path for path in sorted(folder.rglob("*")) if path.is_file()]
+
+
+class ColdClock:
+    """A ``generate`` streamer that makes the disk blocks cold after each token, then starts the next step's clock.
+
+    A step ends when its token arrives and the reads it started (a read ahead for the next
+    step) have all started; the dropping is not timed, and nothing is read during it. It
+    is given the prompt first, so its first step is the prompt's.
+    """
+
+    def __init__(self, make_cold: Callable[[], None]):
+        self.make_cold = make_cold
+        self.steps_s: list[float] = []
+        self.reads_bytes: list[int] = []
+        self._started_s: float | None = None
+        self._read_before = 0
+
+    def put(self, value) -> None:
+        arrived_s = max(time.perf_counter(), last_read_s())
+        read = read_bytes()
+        if self._started_s is not None:
+            self.steps_s.append(arrived_s - self._started_s)
+            self.reads_bytes.append(read - self._read_before)
+        self.make_cold()
+        self._read_before = read_bytes()
+        self._started_s = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
 class TokenClock:
     """A ``generate`` streamer that notes when each token arrives; it is given the prompt first."""
 
@@ -237,7 +315,7 @@ class TokenClock:
         return [later - earlier for earlier, later in zip(tokens_s, tokens_s[1:])]
 
 
-def generate(model, prompt: torch.Tensor, new_tokens: int, streamer: TokenClock | None = None) -> torch.Tensor:
+def generate(model, prompt: torch.Tensor, new_tokens: int, streamer: TokenClock | ColdClock | None = None) -> torch.Tensor:
     """Greedy generation of exactly ``new_tokens`` tokens (end-of-sequence does not stop it)."""
     return model.generate(
         input_ids=prompt,

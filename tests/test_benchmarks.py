@@ -1,6 +1,7 @@
 """The speed suite: cases, rows, verdicts, table and JSON from made-up figures; the worker on a tiny model."""
 
 import json
+import os
 from dataclasses import asdict
 from datetime import datetime
 from io import StringIO
@@ -14,6 +15,10 @@ from benchmarks.__main__ import SUITES
 from benchmarks.speed import select
 from benchmarks.speed_cases import (
     ALL_DISK,
+    COLD_ALL,
+    COLD_COMPUTE,
+    COLD_DECODE,
+    COLD_HALF,
     DECODE_SECTION,
     GPU_HALF_CPU,
     HALF_DISK,
@@ -22,6 +27,7 @@ from benchmarks.speed_cases import (
     Case,
     Settings,
     SuiteModels,
+    cold_cases,
     comparisons,
     cpu_cases,
     gpu_cases,
@@ -34,6 +40,8 @@ from benchmarks.speed_checkpoints import (
     split_evenly,
     write_random_llama,
 )
+from benchmarks.speed_cold import cold_rows, cold_table
+from benchmarks.speed_pages import FileRange, disk_ranges, merged
 from benchmarks.speed_report import CaseResult, evaluate, failures, report, rows_for, summarise, table, write_json
 
 DEMO_FP32 = BenchModel("demo-fp32", Path("/models/demo-fp32"), "float32")
@@ -296,3 +304,97 @@ def test_worker_loads_with_devicemap_alone_and_reads_and_fills_the_floor_of_a_co
     assert floor["fill_bytes"] == converted_bytes(tmp_path, "float32") == 2 * converted_bytes(tmp_path, "bfloat16")
     assert converted_bytes(tmp_path, "bfloat16") < stored_bytes  # the files also hold their headers
     assert floor["floor_s"] == pytest.approx(floor["read_s"] + floor["fill_s"])
+
+
+def cold_run(step_s: float, read_bytes: float) -> dict:
+    return run(cold_step_s=step_s, cold_read_bytes_per_token=read_bytes)
+
+
+def test_cold_cases_put_both_systems_on_one_map_beside_the_disks_read_speed_and_the_compute():
+    cases = {case.key: case for case in cold_cases(TINYLLAMA, 22)}
+    assert set(cases) == {
+        "cold-read/tinyllama-bf16/files", f"plain/tinyllama-bf16/{COLD_COMPUTE}",
+        *(f"{system}/tinyllama-bf16/{placement}" for system in ("devicemap", "transformers")
+          for placement in (COLD_ALL, COLD_HALF)),
+    }  # fmt: skip
+    for placement, first_on_disk in ((COLD_ALL, 0), (COLD_HALF, 11)):
+        ours, theirs = cases[f"devicemap/tinyllama-bf16/{placement}"], cases[f"transformers/tinyllama-bf16/{placement}"]
+        assert ours.device_map == theirs.device_map == layer_map(22, first_on_disk, "disk")
+        assert ours.measures == theirs.measures == (COLD_DECODE,)
+    assert select(list(cases.values()), ["cold"]) == list(cases.values())
+    assert not select(suite_cases(), ["cold"]), "the warm suite has no cold case"
+    assert not [row for row in comparisons(list(cases.values())) if "cold" in row.devicemap], "a table of their own"
+
+
+def test_a_cold_row_takes_the_ideal_from_the_disk_floor_or_the_compute_whichever_is_longer():
+    cases = cold_cases(TINYLLAMA, 22)
+    results = results_of(cases, {
+        "cold-read/tinyllama-bf16/files": [run(cold_read_bytes_per_s=1e9), run(cold_read_bytes_per_s=2e9)],
+        f"plain/tinyllama-bf16/{COLD_COMPUTE}": [decoded(8.0)],
+        f"devicemap/tinyllama-bf16/{COLD_ALL}": [cold_run(1.5, 2e9), cold_run(1.1, 2e9)],
+        f"transformers/tinyllama-bf16/{COLD_ALL}": [cold_run(1.6, 2e9)],
+        f"devicemap/tinyllama-bf16/{COLD_HALF}": [cold_run(0.25, 1e8)],
+    })  # fmt: skip
+    every_layer, half = cold_rows(results)
+    ours = every_layer.devicemap
+    assert (ours.floor_s, ours.compute_s, ours.ideal_s) == (1.0, 0.125, 1.0), "the fastest read speed: the hardest floor"
+    assert ours.achieved == pytest.approx(1.0 / 1.1) and every_layer.vs_transformers == pytest.approx(1.6 / 1.1)
+    assert every_layer.verdict == "pass"
+    assert (half.devicemap.ideal_s, half.devicemap.achieved) == (0.125, 0.5), "compute-bound: the compute is the ideal"
+    assert (half.transformers, half.verdict) == (None, "fail")
+
+
+def test_cold_all_disk_fails_below_one_point_three_times_transformers_even_at_the_ideal():
+    cases = cold_cases(TINYLLAMA, 22)
+    results = results_of(cases, {
+        "cold-read/tinyllama-bf16/files": [run(cold_read_bytes_per_s=2e9)],
+        f"plain/tinyllama-bf16/{COLD_COMPUTE}": [decoded(8.0)],
+        f"devicemap/tinyllama-bf16/{COLD_ALL}": [cold_run(1.0, 2e9)],
+        f"transformers/tinyllama-bf16/{COLD_ALL}": [cold_run(1.2, 2e9)],
+    })  # fmt: skip
+    row, half = cold_rows(results)
+    assert row.devicemap.achieved == 1.0 and row.verdict == "fail"
+    assert (half.devicemap, half.verdict) == (None, "n/a"), "run, but with nothing measured"
+    output = StringIO()
+    Console(file=output, width=250).print(cold_table([row]))
+    assert "≥ 0.85 × ideal; ≥ 1.30 × tf" in output.getvalue() and "FAIL" in output.getvalue()
+
+
+def test_merged_ranges_join_neighbours_in_one_file_only():
+    ranges = [FileRange("a", 10, 20), FileRange("b", 20, 30), FileRange("a", 20, 25), FileRange("a", 30, 40)]
+    assert merged(ranges) == (FileRange("a", 10, 25), FileRange("a", 30, 40), FileRange("b", 20, 30))
+
+
+def test_disk_ranges_are_the_bytes_of_the_tensors_the_map_puts_on_disk(tmp_path):
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": False}
+    write_random_llama(tmp_path, shape, shard_count=1)
+    ranges = disk_ranges(tmp_path, layer_map(2, 1, "disk"))
+    # bf16: q and o 32×32, k and v 16×32 (2 of 4 heads), three 32×64 MLP weights, two norms of 32
+    layer_bytes = 2 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 32 * 64 + 2 * 32)
+    assert sum(item.end - item.start for item in ranges) == layer_bytes
+    assert len(merged(ranges)) == 1, "one layer's tensors lie next to each other"
+
+
+def test_worker_decodes_cold_with_both_systems_and_counts_the_bytes_read(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers needs accelerate for a device map: pip install -e .[bench]")
+    from benchmarks.speed_worker import measure
+
+    shape = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": False}
+    write_random_llama(tmp_path, shape, shard_count=1)
+    for path in tmp_path.glob("*.safetensors"):
+        with path.open("rb") as file:
+            os.fsync(file.fileno())  # only clean pages leave the page cache
+    settings = {"new_tokens": 3, "decode_prompt_tokens": 3, "prefill_tokens": 5, "prefill_tries": 1, "cold_tokens": 4}
+    figures = {}
+    for system in ("devicemap", "transformers"):
+        case = Case(system, "tiny", str(tmp_path), COLD_ALL, "bfloat16", layer_map(2, 0, "disk"), (COLD_DECODE,))
+        figures[system] = measure(asdict(case), settings)
+    on_disk = sum(item.end - item.start for item in merged(disk_ranges(tmp_path, layer_map(2, 0, "disk"))))
+    for measured in figures.values():
+        assert len(measured["cold_steps_s"]) == len(measured["cold_reads_bytes"]) == 3
+        assert measured["cold_step_s"] > 0 and 0 < measured["cold_read_bytes_per_token"] <= on_disk + 2**21
+    assert figures["devicemap"]["tokens"] == figures["transformers"]["tokens"]
+    read = measure(asdict(Case("cold-read", "tiny", str(tmp_path), "files", "bfloat16")), settings)
+    assert read["disk_read_bytes"] > 0 and read["cold_read_bytes_per_s"] > 0

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import devicemap
+from benchmarks.speed_pages import drop_pages, read_bytes, whole_files
 from devicemap.planning.plan import Placement
 from devicemap.runtime.dispatch import _Prefetcher, dispatch, is_dispatched, remove_dispatch
 from devicemap.runtime.load import load
@@ -282,3 +283,64 @@ def test_outputs_return_to_the_inputs_device_and_the_cache_stays_with_its_layers
     assert output.logits.device.type == "cpu"
     layer_devices = [layer.keys.device.type for layer in output.past_key_values.layers]
     assert layer_devices == ["cpu", "cpu", "cpu", "cuda", "cpu", "cpu"]
+
+
+@linux
+def test_a_module_dispatched_onto_disk_computes_the_same_from_its_written_blocks_when_they_are_cold(tmp_path):
+    model = build_random_model("llama")
+    expected = logits(model, IDS)
+    dispatch(model, llama_map("disk"), offload_folder=tmp_path)
+    (folder,) = tmp_path.iterdir()
+    written = sorted(folder.iterdir())
+    settle(written)
+    drop_pages(whole_files(written))
+    before = read_bytes()
+    assert torch.equal(logits(model, IDS), expected)
+    assert read_bytes() > before, "the blocks were read from disk again"
+
+
+def settle(paths) -> None:
+    """Write the files' pages back: only clean pages leave the page cache."""
+    for path in paths:
+        with open(path, "rb+") as file:
+            os.fsync(file.fileno())
+
+
+def cold_block(path: Path, size_bytes: int) -> tuple[torch.Tensor, dict]:
+    """A file of ``size_bytes`` mapped as one tensor with none of its pages in memory, and its page ranges."""
+    path.write_bytes(bytes(size_bytes))
+    weights = torch.from_file(str(path), shared=False, size=size_bytes, dtype=torch.uint8)
+    settle([path])
+    drop_pages(whole_files([path]))
+    return weights, {"block": page_ranges([weights])}
+
+
+def wait_until_in_memory(pager: HostPager) -> bool:
+    for _ in range(300):
+        if not pager._short("block"):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@linux
+def test_the_pager_reads_ahead_the_whole_of_a_block_larger_than_the_kernel_reads_for_one_advice(tmp_path):
+    # One MADV_WILLNEED call reads at most the device's read-ahead size (128 KiB to 8 MiB commonly).
+    weights, ranges = cold_block(tmp_path / "block.bin", 32 * 2**20)
+    with ThreadPoolExecutor(1) as executor:
+        pager = HostPager(ranges, executor)
+        pager.fetch_ahead("block")
+    assert wait_until_in_memory(pager)
+
+
+@linux
+def test_a_block_in_memory_when_fetched_ahead_but_gone_when_it_runs_is_read_again_before_it_runs(tmp_path):
+    weights, ranges = cold_block(tmp_path / "block.bin", 16 * 2**20)
+    with ThreadPoolExecutor(1) as executor:
+        pager = HostPager(ranges, executor)
+        weights.sum()  # in memory, and mapped
+        pager.fetch_ahead("block")
+        drop_pages(whole_files([tmp_path / "block.bin"]))  # memory ran short meanwhile
+        assert pager._short("block")
+        pager.prepare("block")
+    assert wait_until_in_memory(pager)

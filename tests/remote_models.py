@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModel
 
 from devicemap.storage.shards import write_sharded
 
@@ -350,18 +351,12 @@ def _write_remote_model(folder: Path, config: dict, seed: int) -> Path:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "configuration_remote.py").write_text(CONFIGURATION)
     (folder / "modeling_remote.py").write_text(MODELING)
-    from transformers import AutoModel
-
     torch.manual_seed(seed)
-    model = AutoModel.from_config(_config(folder), trust_remote_code=True)
+    loaded = AutoConfig.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
+    model = AutoModel.from_config(loaded, trust_remote_code=True)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0, 0.3)
     write_sharded(folder, model.state_dict(), 2)
     return folder
 
-
-def _config(folder: Path):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(folder, trust_remote_code=True, local_files_only=True)

@@ -154,7 +154,7 @@ def measure_values_per_token(model: nn.Module) -> list[int]:
     return [sum(tensor.numel() for tensor in _tensors(entry)) // PROBE_TOKENS for entry in entries]
 
 
-def _tensors(entry) -> list[torch.Tensor]:
+def _tensors(entry: object) -> list[torch.Tensor]:
     if isinstance(entry, torch.Tensor):
         return [entry]
     if isinstance(entry, (tuple, list)):

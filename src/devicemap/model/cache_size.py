@@ -29,6 +29,13 @@ be allocated:
 
 Layers are matched to blocks by the ``layer_idx`` their attention or mixer module
 carries, which is the index the model itself uses to address the cache.
+
+A model that ships its own code (``trust_remote_code``, e.g. ChatGLM2) has neither
+``layer_idx`` nor the usual config fields, and keeps its cache in its own layout. Its
+cache is measured instead: one forward of a few tokens on the device its weights are on
+(the meta device while planning: nothing computed, nothing allocated), and each entry of
+the returned cache, one per layer of the model's repeated layer list, gives that layer's
+values per token.
 """
 
 from dataclasses import dataclass
@@ -37,7 +44,9 @@ from typing import Sequence
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.cache_utils import get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+
+from ..errors import DeviceMapError
 
 ATTENTION_LAYER_TYPES = frozenset(
     {"full_attention", "sliding_attention", "chunked_attention", "indexed_attention", "hybrid", "hybrid_sliding"}
@@ -57,6 +66,10 @@ class BlockCache:
 
 NO_CACHE = BlockCache()
 
+# Tokens in the forward that measures a remote-code model's cache; any count above one tells
+# per-token storage from a fixed size.
+PROBE_TOKENS = 4
+
 
 def block_caches(model: nn.Module, blocks: Sequence[nn.Module | None]) -> list[BlockCache]:
     """Per block, what ``model.generate`` caches for it; ``None`` stands for a block with no modules.
@@ -67,6 +80,8 @@ def block_caches(model: nn.Module, blocks: Sequence[nn.Module | None]) -> list[B
     config = _decoder_config(model)
     if config is None or not _can_generate(model):
         return [NO_CACHE] * len(blocks)
+    if _ships_own_code(model):
+        return _measured_caches(model, blocks)
     layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
     layer_configs = config.per_layer_config
 
@@ -92,6 +107,70 @@ def _decoder_config(model: nn.Module) -> PretrainedConfig | None:
 def _can_generate(model: nn.Module) -> bool:
     can_generate = getattr(model, "can_generate", None)
     return callable(can_generate) and bool(can_generate())
+
+
+def _ships_own_code(model: nn.Module) -> bool:
+    return not type(model).__module__.startswith("transformers.")
+
+
+def _measured_caches(model: nn.Module, blocks: Sequence[nn.Module | None]) -> list[BlockCache]:
+    """Each block caches what the layers of the model's layer list inside it returned per token."""
+    per_layer = measure_values_per_token(model)
+    layers = _layer_list(model, len(per_layer))
+    caches = []
+    for block in blocks:
+        inside = {id(module) for module in block.modules()} if block is not None else set()
+        values = sum(count for layer, count in zip(layers, per_layer) if id(layer) in inside)
+        caches.append(BlockCache(kv_values_per_token=values))
+    return caches
+
+
+def measure_values_per_token(model: nn.Module) -> list[int]:
+    """Per cache layer, the values ``model`` caches per token, read from a forward of a few tokens.
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> measure_values_per_token(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=16)))
+    [16, 16]
+    """
+    device = next(model.parameters()).device
+    probe = torch.zeros((1, PROBE_TOKENS), dtype=torch.long, device=device)
+    try:
+        with torch.no_grad():
+            output = model(input_ids=probe, use_cache=True)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DeviceMapError(
+            f"cannot measure the KV cache of {type(model).__name__} (its modeling code ships with the model): "
+            f"a forward of {PROBE_TOKENS} tokens on {device} failed: {reason}. Plan it from a copy of the model "
+            "built on the CPU (an nn.Module), whose forward runs"
+        ) from error
+    cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+    if cache is None:
+        raise DeviceMapError(
+            f"{type(model).__name__} returned no cache from a forward with use_cache=True, so its KV cache "
+            "cannot be sized; plan it with a Workload of one token, or reserve the cache with max_memory"
+        )
+    entries = cache.layers if isinstance(cache, Cache) else cache
+    return [sum(tensor.numel() for tensor in _tensors(entry)) // PROBE_TOKENS for entry in entries]
+
+
+def _tensors(entry: object) -> list[torch.Tensor]:
+    if isinstance(entry, torch.Tensor):
+        return [entry]
+    if isinstance(entry, (tuple, list)):
+        return [tensor for item in entry for tensor in _tensors(item)]
+    return [value for value in vars(entry).values() if isinstance(value, torch.Tensor)]
+
+
+def _layer_list(model: nn.Module, count: int) -> list[nn.Module]:
+    """The model's repeated layers: the first module list as long as its cache."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return list(module)
+    raise DeviceMapError(
+        f"{type(model).__name__} returned a cache of {count} layers but holds no list of {count} layers, so "
+        "its KV cache cannot be matched to its blocks; plan it with a Workload of one token"
+    )
 
 
 def cache_layer_indices(block: nn.Module) -> tuple[int, ...]:

@@ -1,6 +1,7 @@
 """A model's skeleton from its config: every tensor on the meta device, no memory, no weights read."""
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -47,12 +48,28 @@ def load_config(model: str | os.PathLike | PretrainedConfig, trust_remote_code: 
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
+        _refuse_untrusted_code(path, trust_remote_code)
         reason = str(error).strip().splitlines()[0]
         raise CheckpointError(
             f"cannot read the model config at {str(path)!r}: {reason} Check that it is a transformers "
             "config.json; for a model type this transformers does not know, upgrade transformers, or pass "
             "trust_remote_code=True if the folder ships its own modeling code"
         ) from error
+
+
+def _refuse_untrusted_code(path: Path, trust_remote_code: bool) -> None:
+    """A folder whose config names its own code (``auto_map``) needs the caller's consent to run it."""
+    config_file = path / "config.json" if path.is_dir() else path
+    try:
+        auto_map = json.loads(config_file.read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    if auto_map and not trust_remote_code:
+        raise CheckpointError(
+            f"model folder {str(path.parent if path.is_file() else path)!r} ships its own modeling code "
+            f"({', '.join(sorted(set(auto_map.values())))}, named by auto_map in config.json), which runs only "
+            "when asked: read it, and pass trust_remote_code=True if you trust it"
+        )
 
 
 def config_dtype(config: PretrainedConfig) -> torch.dtype:

@@ -32,6 +32,7 @@ def plan(
     offload_folder: str | os.PathLike | None = None,
     quantization_config: QuantizationConfigMixin | None = None,
     revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Plan:
     """Plan where every part of ``model`` goes, from its config and safetensors headers; no weight is read.
 
@@ -41,14 +42,17 @@ def plan(
     one device. ``max_memory`` may name devices this machine does not have, to plan for
     another machine. ``quantization_config`` (e.g. transformers' ``BitsAndBytesConfig``)
     plans the model quantized while loading; a checkpoint already quantized is planned
-    from the layout it is stored in.
+    from the layout it is stored in. ``trust_remote_code`` runs the modeling code a model
+    folder ships (its config's ``auto_map``); pass it only for a folder you trust.
 
     >>> from transformers import LlamaConfig
     >>> config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, vocab_size=100)
     >>> plan(config, "cpu", max_memory={"cpu": "1GiB"}).device_map
     {'': 'cpu'}
     """
-    profile = profile_of(model, dtype, quantization_config=quantization_config, revision=revision)
+    profile = profile_of(
+        model, dtype, quantization_config=quantization_config, revision=revision, trust_remote_code=trust_remote_code
+    )
     budgets = planning_budgets(max_memory, offload_folder)
     return make_plan(profile, budgets, workload, strategy, offload=offload)
 
@@ -59,6 +63,7 @@ def profile_of(
     *,
     quantization_config: QuantizationConfigMixin | None = None,
     revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Profile:
     """The profile of a model folder, config file, config, Hub id or module, or a profile given as is.
 
@@ -71,12 +76,12 @@ def profile_of(
     if isinstance(model, (Profile, nn.Module)):
         _refuse_options_for(model, quantization_config, revision)
         return model if isinstance(model, Profile) else profile_module(model, dtype)
-    resolved = resolve_model(model, revision)
+    resolved = resolve_model(model, revision, trust_remote_code)
     if resolved.tensors is None or quantization_config is not None:
-        profile = profile_config(resolved.config, dtype, quantization=quantization_config)
+        profile = profile_config(resolved.config, dtype, trust_remote_code, quantization=quantization_config)
     else:
         load_dtype = load_dtype_of(resolved.config, dtype)
-        skeleton = build_on_meta(resolved.config, load_dtype)
+        skeleton = build_on_meta(resolved.config, load_dtype, trust_remote_code)
         profile = profile_module(skeleton, load_dtype, stored=checkpoint_layout(skeleton, resolved.tensors))
     return profile if resolved.name is None else replace(profile, name=resolved.name)
 

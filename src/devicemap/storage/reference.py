@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -35,11 +34,12 @@ class ResolvedModel:
     tensors: Mapping[str, TensorInfo] | None = None
 
 
-def resolve_model(model: ModelReference, revision: str | None = None) -> ResolvedModel:
+def resolve_model(model: ModelReference, revision: str | None = None, trust_remote_code: bool = False) -> ResolvedModel:
     """The config of ``model`` and, for a folder or Hub id with safetensors weights, their header tensors.
 
     A path that exists is local (a folder, or a config.json alone); otherwise ``ORG/NAME`` is
-    a Hub id, read at ``revision``. Nothing but config.json and headers is read.
+    a Hub id, read at ``revision``. Nothing but config.json and headers is read; a config
+    whose model ships its own code is read only with ``trust_remote_code``.
 
     >>> resolve_model(PretrainedConfig()).tensors is None
     True
@@ -51,9 +51,9 @@ def resolve_model(model: ModelReference, revision: str | None = None) -> Resolve
     if not path.exists() and is_hub_id(str(model)):
         config_path = hub_config(str(model), revision)
         tensors = hub_tensors(str(model), revision, config_path.parent)
-        return ResolvedModel(str(model), load_config(config_path), tensors)
+        return ResolvedModel(str(model), load_config(config_path, trust_remote_code), tensors)
     _refuse_revision(revision, f"local path {str(path)!r}")
-    config = load_config(path)
+    config = load_config(path, trust_remote_code)
     folder = path.resolve() if path.is_dir() else path.resolve().parent
     return ResolvedModel(folder.name, config, folder_tensors(path) if path.is_dir() else None)
 

@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--device-map", default="auto", help=_STRATEGY_HELP)
     _add_placement_options(generate)
     generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--quantize", choices=sorted(_QUANTIZE), help="quantize it while loading, by bitsandbytes")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument("--pipeline", type=int, metavar="N", help="run N pipeline stages in N processes")
     generate.set_defaults(run=_run_generate)
@@ -120,13 +121,17 @@ def _run_plan(args) -> int:
             raise DeviceMapError("--pipeline plans a local model as it is stored; drop --quantize and --revision")
         print(plan_stages(args.model, args.pipeline, workload=workload, **_placement(args)))
         return 0
-    quantization = BitsAndBytesConfig(**_QUANTIZE[args.quantize]) if args.quantize else None
+    quantization = _quantization(args)
     result = plan(
         args.model, _device_map_argument(args.strategy), workload=workload, quantization_config=quantization,
         revision=args.revision, **_placement(args),
     )  # fmt: skip
     print(result.to_json() if args.json else result)
     return 0
+
+
+def _quantization(args) -> BitsAndBytesConfig | None:
+    return BitsAndBytesConfig(**_QUANTIZE[args.quantize]) if args.quantize else None
 
 
 def _placement(args) -> dict:
@@ -142,6 +147,8 @@ def _run_generate(args) -> int:
     inputs = tokenize(tokenizer, prompts, args.chat)
     if not args.pipeline:
         return _generate_here(model_path, tokenizer, inputs, args)
+    if args.quantize:
+        raise DeviceMapError("--pipeline loads the model as it is stored; drop --quantize, or drop --pipeline")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _generate_as_rank(model_path, tokenizer, inputs, args)
     return _generate_in_pipeline(model_path, tokenizer, inputs, args)
@@ -161,7 +168,10 @@ def _workload(inputs: dict[str, torch.Tensor], args) -> Workload:
 def _generate_here(model_path: Path, tokenizer, inputs: dict[str, torch.Tensor], args) -> int:
     resident_before_bytes = psutil.Process().memory_info().rss
     device_map = _device_map_argument(args.device_map)
-    model = load(model_path, device_map=device_map, workload=_workload(inputs, args), **_placement(args))
+    model = load(
+        model_path, device_map=device_map, workload=_workload(inputs, args), quantization_config=_quantization(args),
+        **_placement(args),
+    )  # fmt: skip
     _console().print(str(model.devicemap_plan), soft_wrap=True)
     one_prompt = len(inputs["input_ids"]) == 1
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if one_prompt else None

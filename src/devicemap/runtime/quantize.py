@@ -23,10 +23,6 @@ from ..storage.offload import OffloadFiles
 from .materialize import BlockTensor, CheckpointTensors, PlacedBlock
 
 
-# Methods devicemap quantizes or unpacks itself; the others' kernels need an accelerator.
-_LOADABLE_METHODS = ("bitsandbytes",)
-
-
 def refuse_unloadable(config: PretrainedConfig) -> None:
     """Raise a DeviceMapError for a checkpoint stored in a format that devicemap cannot load on this machine.
 
@@ -40,9 +36,12 @@ def refuse_unloadable(config: PretrainedConfig) -> None:
     if declared is None:
         return
     method = quantization_method(declared)
-    if method.startswith(_LOADABLE_METHODS):
-        return
-    if torch.cuda.is_available():
+    if method == "bitsandbytes":
+        instead = (
+            "devicemap does not read pre-quantized bitsandbytes folders yet: load the unquantized model with "
+            "quantization_config=BitsAndBytesConfig(...), which makes the same packed layout while loading"
+        )
+    elif torch.cuda.is_available():
         instead = (
             "devicemap plans it (devicemap.plan) but does not load it yet: pass plan.device_map to transformers' "
             "from_pretrained"

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-
 from transformers import PretrainedConfig
 
 from ..errors import CheckpointError, DeviceMapError
@@ -121,7 +120,8 @@ def _offload(block: PlacedBlock, made: dict[str, nn.Parameter], files: OffloadFi
     specs = [(name, value.dtype, tuple(value.shape)) for name, value in packed.items()]
     mapped = files.write_block(block.placement.block, specs, packed.__getitem__)
     for name, parameter in made.items():
-        _repoint(parameter, {part.removeprefix(f"{name}."): mapped[part] for part in packed if part.startswith(f"{name}.")})
+        own = {part.removeprefix(f"{name}."): mapped[part] for part in packed if part.startswith(f"{name}.")}
+        _repoint(parameter, own)
     for module in block.module.modules():
         # bitsandbytes repacks 4-bit weights in memory for AVX512-BF16 on a first CPU forward,
         # which would pull a disk block into memory for good; it computes on the file's bytes instead.

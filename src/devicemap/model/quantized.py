@@ -59,8 +59,9 @@ def quantize_on_meta(
     declared = declared_quantization(config) if isinstance(config, PretrainedConfig) else None
     if declared is not None and requested is not None:
         raise DeviceMapError(
-            f"the model is already quantized ({quantization_method(declared)} in its config.json), so it cannot also be "
-            f"quantized while loading ({quantization_method(requested)}); drop quantization_config (CLI: --quantize)"
+            f"the model is already quantized ({quantization_method(declared)} in its config.json), so it cannot "
+            f"also be quantized while loading ({quantization_method(requested)}); drop quantization_config "
+            "(CLI: --quantize)"
         )
     chosen = declared if declared is not None else requested
     if chosen is None:

@@ -77,8 +77,8 @@ def load(
     ``offload_folder`` (default: the system temp folder). ``progress`` shows a progress
     bar (``None``: when stderr is a terminal). The model gets ``hf_device_map`` and
     ``devicemap_plan``; ``prefetch_depth`` and ``disk_resident_bytes`` are as for ``dispatch``.
-``quantization_config`` (transformers' ``BitsAndBytesConfig``) quantizes the weights while
-loading, 4-bit or 8-bit; blocks on disk then hold the packed bytes.
+    ``quantization_config`` (transformers' ``BitsAndBytesConfig``) quantizes the weights while
+    loading, 4-bit or 8-bit; blocks on disk then hold the packed bytes.
 
     >>> import tempfile
     >>> from transformers import LlamaConfig, LlamaForCausalLM

@@ -1,4 +1,4 @@
-"""Quantized loading: bitsandbytes 4-bit and 8-bit made while loading, in memory and on disk, as transformers makes them."""
+"""Quantized loading: bitsandbytes 4-bit and 8-bit made while loading, in memory and on disk, as transformers does."""
 
 import json
 import subprocess

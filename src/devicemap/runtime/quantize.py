@@ -71,7 +71,8 @@ def without_quantized(blocks: Sequence[PlacedBlock]) -> list[PlacedBlock]:
     >>> from devicemap.planning.planner import make_plan
     >>> from devicemap.runtime.materialize import blocks_of
     >>> model = nn.Sequential(nn.Linear(2, 2))
-    >>> [len(block.tensors) for block in without_quantized(blocks_of(model, make_plan(profile_module(model), {"cpu": 2**20})))]
+    >>> blocks = blocks_of(model, make_plan(profile_module(model), {"cpu": 2**20}))
+    >>> [len(block.tensors) for block in without_quantized(blocks)]
     [2]
     """
     return [

@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--device-map", default="auto", help=_STRATEGY_HELP)
     _add_placement_options(generate)
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    generate.add_argument("--quantize", choices=sorted(_QUANTIZE), help="quantize it while loading, by bitsandbytes")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument("--system", help="a system message for the chat template (implies --chat)")
     generate.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
@@ -138,8 +139,6 @@ def _device_map_argument(value: str):
 
 
 def _run_plan(args) -> int:
-    from transformers import BitsAndBytesConfig
-
     from .pipeline.api import plan_stages
     from .planning.planner import make_plan
     from .runtime.api import profile_of
@@ -153,8 +152,7 @@ def _run_plan(args) -> int:
         stage_plan = plan_stages(args.model, args.pipeline, workload=workload, **placement)
         print(json.dumps(asdict(stage_plan), indent=1) if args.json else stage_plan)
         return 0
-    quantization = BitsAndBytesConfig(**_QUANTIZE[args.quantize]) if args.quantize else None
-    profile = profile_of(args.model, placement["dtype"], quantization_config=quantization, revision=args.revision)
+    profile = profile_of(args.model, placement["dtype"], quantization_config=_quantization(args), revision=args.revision)
     budgets, notes = _planning_budgets(args.max_memory, args.offload_folder)
     result = make_plan(profile, budgets, workload, _device_map_argument(args.strategy), placement["offload"])
     if args.map:
@@ -189,6 +187,13 @@ def _places_alike(result, profile, budgets: dict[str, int], workload, placement:
         return make_plan(profile, budgets, workload, strategy, placement["offload"]).placements == result.placements
     except DeviceMapError:
         return False  # a strategy that does not fit gives no plan to compare
+
+
+def _quantization(args):
+    """The bitsandbytes settings ``--quantize`` asks for, or None."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**_QUANTIZE[args.quantize]) if args.quantize else None
 
 
 def _placement(args) -> dict:
@@ -269,6 +274,8 @@ def _run_generate(args) -> int:
         torch.set_num_threads(args.threads)
     if not args.pipeline:
         return _generate_here(model_path, tokenizer, prompts, args)
+    if args.quantize:
+        raise DeviceMapError("--pipeline loads the model as it is stored; drop --quantize, or drop --pipeline")
     from .runtime.prompts import tokenize
 
     inputs = tokenize(tokenizer, prompts, args.chat or args.system is not None, args.system)
@@ -372,7 +379,10 @@ def _generate_here(model_path: Path, tokenizer, prompts: list[str], args) -> int
     encoded = [tokenize(tokenizer, [prompt], args.chat or args.system is not None, args.system) for prompt in prompts]
     longest = max(inputs["input_ids"].shape[1] for inputs in encoded)
     workload = Workload(1, longest + args.max_new_tokens, args.kv_dtype)
-    model = load(model_path, device_map=device_map, workload=workload, **_placement(args))
+    model = load(
+        model_path, device_map=device_map, workload=workload, quantization_config=_quantization(args),
+        **_placement(args),
+    )  # fmt: skip
     console = _console()
     console.print(str(model.devicemap_plan), soft_wrap=True)
     generations = []

@@ -8,6 +8,7 @@ device, so their bytes once loaded are computed here from bitsandbytes' own layo
 """
 
 import copy
+import importlib
 import math
 import sys
 from collections.abc import Iterator
@@ -58,14 +59,15 @@ def quantize_on_meta(
     declared = declared_quantization(config) if isinstance(config, PretrainedConfig) else None
     if declared is not None and requested is not None:
         raise DeviceMapError(
-            f"the model is already quantized ({_method(declared)} in its config.json), so it cannot also be "
-            f"quantized while loading ({_method(requested)}); drop quantization_config (CLI: --quantize)"
+            f"the model is already quantized ({quantization_method(declared)} in its config.json), so it cannot "
+            f"also be quantized while loading ({quantization_method(requested)}); drop quantization_config "
+            "(CLI: --quantize)"
         )
     chosen = declared if declared is not None else requested
     if chosen is None:
         return model
     pre_quantized = declared is not None
-    with _library_named(_method(chosen), pre_quantized):
+    with _library_named(quantization_method(chosen), pre_quantized):
         _require_library(chosen, pre_quantized)
         quantizer = _quantizer(chosen, pre_quantized)
         quantizer.preprocess_model(model=model, dtype=dtype, device_map=None, checkpoint_files=None, use_kernels=False)
@@ -112,7 +114,7 @@ def _quantizer(quantization: dict | QuantizationConfigMixin, pre_quantized: bool
         return AutoHfQuantizer.from_config(copy.deepcopy(quantization), pre_quantized=pre_quantized)
     except (ValueError, TypeError) as error:
         raise DeviceMapError(
-            f"transformers {transformers.__version__} cannot quantize with {_method(quantization)}: "
+            f"transformers {transformers.__version__} cannot quantize with {quantization_method(quantization)}: "
             f"{str(error).splitlines()[0]} Upgrade transformers, or check the quantization_config"
         ) from None
 
@@ -123,7 +125,12 @@ def _require_library(quantization: dict | QuantizationConfigMixin, pre_quantized
     Its check also refuses machines without the accelerator the method runs on, which a
     plan for another machine must not, and may switch the config to dequantizing: so it
     runs on a copy, its warnings about this machine are silenced, and only its ImportError counts.
+    The bitsandbytes check also demands accelerate, which only transformers' own dispatch
+    uses; devicemap dispatches itself, so for bitsandbytes only bitsandbytes is required.
     """
+    if quantization_method(quantization) == "bitsandbytes":
+        importlib.import_module("bitsandbytes")
+        return
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
@@ -154,6 +161,11 @@ def _library_named(method: str, pre_quantized: bool) -> Iterator[None]:
         ) from None
 
 
-def _method(quantization: dict | QuantizationConfigMixin) -> str:
+def quantization_method(quantization: dict | QuantizationConfigMixin) -> str:
+    """The method's name as transformers spells it in ``quant_method``.
+
+    >>> quantization_method({"quant_method": "gptq", "bits": 4})
+    'gptq'
+    """
     method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
     return str(getattr(method, "value", method))

@@ -15,19 +15,23 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..devices import DeviceLike, check_devices_exist, loading_budgets
 from ..errors import CheckpointError
 from ..model.profile import profile_module
+from ..model.quantized import quantize_on_meta
 from ..model.skeleton import build_on_meta, config_dtype, load_config
 from ..planning.plan import Plan
 from ..planning.planner import make_plan
 from ..storage.checkpoint import Checkpoint, open_checkpoint
 from ..storage.keys import check_keys
+from ..storage.offload import OffloadFiles
 from ..storage.sources import SourceMap, map_sources
 from ..workload import Workload, dtype_name
 from .dispatch import DEFAULT_PREFETCH_DEPTH, attach, check_prefetch_depth
 from .materialize import CheckpointTensors, PlacedBlock, blocks_of, materialize
+from .quantize import quantize_blocks, refuse_unloadable, without_quantized
 
 
 def _frees_on_failure(function):
@@ -62,6 +66,7 @@ def load(
     progress: bool | None = None,
     prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
     disk_resident_bytes: int | None = None,
+    quantization_config: QuantizationConfigMixin | None = None,
 ) -> PreTrainedModel:
     """Load the model folder ``model`` across devices as ``device_map`` says, ready for ``generate``.
 
@@ -72,6 +77,8 @@ def load(
     ``offload_folder`` (default: the system temp folder). ``progress`` shows a progress
     bar (``None``: when stderr is a terminal). The model gets ``hf_device_map`` and
     ``devicemap_plan``; ``prefetch_depth`` and ``disk_resident_bytes`` are as for ``dispatch``.
+    ``quantization_config`` (transformers' ``BitsAndBytesConfig``) quantizes the weights while
+    loading, 4-bit or 8-bit; blocks on disk then hold the packed bytes.
 
     >>> import tempfile
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -87,14 +94,16 @@ def load(
     checkpoint = open_checkpoint(Path(model), allow_pickle=allow_pickle)
     config = load_config(checkpoint.folder, trust_remote_code)
     load_dtype = _load_dtype(dtype, config, checkpoint)
-    built = build_on_meta(config, load_dtype, trust_remote_code)
+    refuse_unloadable(config)
+    built = quantize_on_meta(build_on_meta(config, load_dtype, trust_remote_code), quantization_config, load_dtype)
     sources = map_sources(built, checkpoint.shapes)
     check_keys(sources.found_shapes, built, source=str(checkpoint.folder))
     plan = _plan(built, device_map, load_dtype, max_memory, workload, offload, offload_folder)
     blocks = blocks_of(built, plan)
     _require_placed(blocks, sources)
     tensors = CheckpointTensors(checkpoint, sources, built, load_dtype)
-    materialize(blocks, tensors, offload_folder=offload_folder, owner=built, progress=progress)
+    materialize(without_quantized(blocks), tensors, offload_folder=offload_folder, owner=built, progress=progress)
+    _quantize(blocks, tensors, load_dtype, offload_folder, built)
     _finish_tensors(built, blocks, sources)
     built.eval()
     built.hf_device_map = plan.device_map
@@ -102,6 +111,16 @@ def load(
     if (checkpoint.folder / "generation_config.json").is_file() and built.can_generate():
         built.generation_config = GenerationConfig.from_pretrained(checkpoint.folder)
     return attach(built, blocks, prefetch_depth=prefetch_depth, disk_resident_bytes=disk_resident_bytes)
+
+
+def _quantize(blocks: list[PlacedBlock], tensors: CheckpointTensors, dtype, offload_folder, owner: nn.Module) -> None:
+    files = OffloadFiles(offload_folder)
+    try:
+        quantize_blocks(blocks, tensors, dtype, files)
+        files.commit(owner)
+    except BaseException:
+        files.discard()
+        raise
 
 
 def _load_dtype(dtype, config, checkpoint: Checkpoint) -> torch.dtype:

@@ -9,11 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.profiler import ProfilerActivity, profile
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from devicemap.model.profile import profile_module
+from devicemap.planning.planner import make_plan
 from devicemap.runtime import materialize
+from devicemap.runtime.dispatch import dispatch, held_bytes, remove_dispatch, with_held_bytes
 from devicemap.runtime.load import load
 from devicemap.runtime.materialize import copy_converted
+from devicemap.workload import Workload
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -59,3 +64,55 @@ def test_a_converting_load_onto_a_gpu_holds_no_whole_tensor_at_the_files_dtype(t
     assert peak - held <= materialize._DEVICE_PIECE_ELEMENTS * 4 + 2**20, "one float32 piece, not the embedding"
     expected = load_file(folder / "model.safetensors")["model.embed_tokens.weight"]
     assert torch.equal(loaded.model.embed_tokens.weight.cpu(), expected.to(torch.bfloat16))
+
+
+def _tied_model() -> nn.Module:
+    embedding, head = nn.Embedding(64, 32), nn.Linear(32, 64, bias=False)
+    head.weight = embedding.weight
+    model = nn.Sequential(embedding, nn.Linear(32, 32), head)
+    model.register_buffer("scale", torch.ones(8), persistent=False)
+    return model
+
+
+def test_a_module_holds_the_bytes_of_its_parameters_and_buffers_each_shared_tensor_once():
+    model = _tied_model()
+    assert held_bytes(model) == {"cpu": (64 * 32 + 32 * 32 + 32 + 8) * 4}
+    assert held_bytes(_tied_model().to("meta")) == {}
+
+
+def test_what_a_module_holds_on_a_device_is_added_to_that_devices_free_memory_only():
+    budgets = {"cuda:0": 2**30, "cuda:1": 2**30, "cpu": 2**34, "disk": 2**40}
+    held = {"cuda:0": 3 * 2**20, "cpu": 5}
+    assert with_held_bytes(budgets, held) == {"cuda:0": 2**30 + 3 * 2**20, "cuda:1": 2**30, "cpu": 2**34 + 5,
+                                              "disk": 2**40}  # fmt: skip
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cpu"])
+def test_a_module_that_fits_where_it_sits_is_planned_to_stay_there(device):
+    model = nn.Sequential(*(nn.Linear(256, 256) for _ in range(4)))
+    weights = sum(held_bytes(model).values())
+    # What the device reports free once the module is on it: room for half of it, and its work.
+    free_now = {"cpu": 2**24, "disk": 2**30} | {device: weights // 2 + 2**16}
+    held = {device: weights}
+    workload = Workload(batch_size=1, max_tokens=16)
+    plan = make_plan(profile_module(model), free_now, workload, "auto")
+    assert {placement.device for placement in plan.placements} != {device}
+    plan = make_plan(profile_module(model), with_held_bytes(free_now, held), workload, "auto")
+    assert {placement.device for placement in plan.placements} == {device}
+
+
+@gpu
+@needs_cuda
+def test_dispatching_auto_a_module_that_fits_on_its_gpu_keeps_it_all_there():
+    model = nn.Sequential(*(nn.Linear(4096, 4096) for _ in range(4))).to("cuda:0")
+    weights = sum(held_bytes(model).values())
+    # Its work in the default workload takes about its weights again: free room for 1.5 times
+    # them plus a margin fits it only when the weights already there count.
+    free, _ = torch.cuda.mem_get_info(0)
+    filler = torch.empty(free - weights * 3 // 2 - 2**26, dtype=torch.uint8, device="cuda:0")
+    try:
+        dispatch(model, "auto")
+        assert set(model.hf_device_map.values()) == {0}
+    finally:
+        del filler
+        remove_dispatch(model)

@@ -8,14 +8,21 @@ same functions run on a GPU in the tests marked ``gpu`` (``python -m benchmarks 
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.profiler import ProfilerActivity, profile
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from devicemap.errors import DeviceMapError
 from devicemap.model.profile import profile_module
 from devicemap.planning.planner import make_plan
 from devicemap.runtime import materialize
-from devicemap.runtime.dispatch import dispatch, held_bytes, remove_dispatch, with_held_bytes
+from devicemap.runtime.dispatch import (
+    dispatch,
+    held_bytes,
+    remove_dispatch,
+    with_held_bytes,
+)
+from devicemap.runtime.dtype_support import BFLOAT16_CAPABILITY, check_dtype_supported
 from devicemap.runtime.load import load
 from devicemap.runtime.materialize import copy_converted
 from devicemap.workload import Workload
@@ -116,3 +123,40 @@ def test_dispatching_auto_a_module_that_fits_on_its_gpu_keeps_it_all_there():
     finally:
         del filler
         remove_dispatch(model)
+
+
+@pytest.mark.parametrize("capability", [(6, 1), (7, 0), (7, 5)])
+def test_bfloat16_on_a_gpu_before_ampere_is_an_error_naming_it_its_capability_and_what_to_use(capability):
+    with pytest.raises(DeviceMapError) as raised:
+        check_dtype_supported("cuda:1", torch.bfloat16, capability)
+    message = str(raised.value)
+    assert "cuda:1" in message and f"compute capability {capability[0]}.{capability[1]}" in message
+    assert "torch.float16" in message and "torch.float32" in message
+
+
+@pytest.mark.parametrize(
+    ("dtype", "capability"),
+    [(torch.bfloat16, (8, 0)), (torch.bfloat16, (9, 0)), (torch.float16, (7, 0)), (torch.float32, (6, 1)),
+     (torch.bfloat16, None)],
+)  # fmt: skip
+def test_other_dtypes_gpus_from_ampere_on_and_devices_without_a_capability_pass(dtype, capability):
+    check_dtype_supported("cuda:0", dtype, capability)
+
+
+def test_bfloat16_on_the_cpu_and_on_disk_is_placed_without_a_question():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)).to(torch.bfloat16)
+    dispatch(model, {"0": "cpu", "1": "disk"})
+    assert model(torch.ones(1, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@gpu
+@needs_cuda
+def test_bfloat16_onto_this_gpu_is_refused_before_anything_moves_exactly_when_it_lacks_it():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)).to(torch.bfloat16)
+    if torch.cuda.get_device_capability(0) >= BFLOAT16_CAPABILITY:
+        dispatch(model, "cuda:0")
+        assert model[0].weight.device == torch.device("cuda:0")
+        return
+    with pytest.raises(DeviceMapError, match="compute capability"):
+        dispatch(model, "cuda:0")
+    assert model[0].weight.device == torch.device("cpu")

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TransferSpeedColumn,
+)
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -35,6 +41,7 @@ from ..storage.checkpoint import Checkpoint
 from ..storage.offload import OffloadFiles
 from ..storage.safetensors_file import Produced
 from ..storage.sources import Source, SourceMap
+from .dtype_support import require_supported_dtypes
 from .paging import unmap_pages
 
 
@@ -285,6 +292,11 @@ def materialize(
     (False, True)
     """
     placing = sorted(_placing(blocks, source), key=lambda item: source.position(item.handle))
+    require_supported_dtypes(
+        (device, source.dtype(item.handle))
+        for item in placing
+        for device in (item.device, item.block.placement.execution_device)
+    )
     files = OffloadFiles(offload_folder)
     try:
         with _progress_bar(progress) as bar, _loading_threads() as pool:

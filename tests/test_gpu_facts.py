@@ -16,12 +16,7 @@ from devicemap.errors import DeviceMapError
 from devicemap.model.profile import profile_module
 from devicemap.planning.planner import make_plan
 from devicemap.runtime import materialize
-from devicemap.runtime.dispatch import (
-    dispatch,
-    held_bytes,
-    remove_dispatch,
-    with_held_bytes,
-)
+from devicemap.runtime.dispatch import dispatch, held_bytes, remove_dispatch, with_held_bytes
 from devicemap.runtime.dtype_support import BFLOAT16_CAPABILITY, check_dtype_supported
 from devicemap.runtime.load import load
 from devicemap.runtime.materialize import copy_converted

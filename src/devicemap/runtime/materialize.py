@@ -8,9 +8,8 @@ CPU or on disk, or a tensor already on its device. Else it is copied to its acce
 in pieces through one buffer there and converted there, so that it is never there at
 both dtypes; read through small buffers, on a thread per core, and converted into memory
 for the CPU; or, for disk, converted piece by piece into an offload file of devicemap's
-own and mapped back. Host memory holds the CPU-resident weights plus a
-buffer per thread; pages mapped only to be copied elsewhere are given back as soon as
-they are.
+own and mapped back. Host memory holds the CPU-resident weights plus a buffer per
+thread; pages mapped only to be copied elsewhere are given back as soon as they are.
 """
 
 import math
@@ -24,13 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from torch import nn
 from transformers import PreTrainedModel
 

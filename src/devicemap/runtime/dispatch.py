@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ..devices import DeviceLike, loading_budgets
+from ..devices import DeviceLike, loading_budgets, normalize_device
 from ..errors import DeviceMapError
 from ..model.cache_size import cache_layer_indices
 from ..model.profile import names_per_tensor, profile_module
@@ -68,11 +68,41 @@ def dispatch(
     remove_dispatch(module)
     plan = device_map
     if not isinstance(plan, Plan):
-        plan = make_plan(profile_module(module), loading_budgets(), None, device_map)
+        budgets = with_held_bytes(loading_budgets(), held_bytes(module))
+        plan = make_plan(profile_module(module), budgets, None, device_map)
     blocks = blocks_of(module, plan)
     materialize(blocks, ModuleTensors(), offload_folder=offload_folder, owner=module)
     module.hf_device_map = plan.device_map
     return attach(module, blocks, prefetch_depth=prefetch_depth, disk_resident_bytes=disk_resident_bytes)
+
+
+def held_bytes(module: nn.Module) -> dict[str, int]:
+    """Bytes of ``module``'s parameters and buffers on each device, each tensor once however many names it has.
+
+    >>> held_bytes(nn.Linear(2, 3))
+    {'cpu': 36}
+    """
+    named = dict(module.named_parameters(remove_duplicate=False))
+    named.update(module.named_buffers(remove_duplicate=False))
+    held: dict[str, int] = {}
+    for names in names_per_tensor(named.items()):
+        tensor = named[names[0]]
+        if not tensor.is_meta:
+            device = normalize_device(tensor.device)
+            held[device] = held.get(device, 0) + tensor.nbytes
+    return held
+
+
+def with_held_bytes(budgets: Mapping[str, int], held: Mapping[str, int]) -> dict[str, int]:
+    """``budgets`` measured as free now, plus what the module to plan already ``held`` there.
+
+    Free memory does not count the module's own weights as room, yet where they stay they
+    need none, and where they leave they give theirs back.
+
+    >>> with_held_bytes({"cuda:0": 100, "cpu": 1000}, {"cuda:0": 60, "meta": 8})
+    {'cuda:0': 160, 'cpu': 1000}
+    """
+    return {device: size + held.get(device, 0) for device, size in budgets.items()}
 
 
 def remove_dispatch(module: nn.Module) -> nn.Module:

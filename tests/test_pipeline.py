@@ -29,6 +29,9 @@ from devicemap.runtime.prompts import tokenize
 from devicemap.storage.shards import write_sharded
 from devicemap.workload import Workload
 
+# Every test here starts worker processes, or plans and loads a real model for them.
+pytestmark = pytest.mark.slow
+
 PROMPTS = [
     "What is machine learning?",
     "Hi",

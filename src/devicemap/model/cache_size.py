@@ -74,8 +74,13 @@ PROBE_TOKENS = 4
 def block_caches(model: nn.Module, blocks: Sequence[nn.Module | None]) -> list[BlockCache]:
     """Per block, what ``model.generate`` caches for it; ``None`` stands for a block with no modules.
 
-    >>> block_caches(llama, [llama.model.embed_tokens, llama.model.layers[0]])  # doctest: +SKIP
-    [BlockCache(), BlockCache(kv_values_per_token=2048)]
+    >>> import transformers
+    >>> config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
+    ...                                   num_key_value_heads=2, intermediate_size=128, vocab_size=100)
+    >>> with torch.device("meta"):
+    ...     llama = transformers.LlamaForCausalLM(config)
+    >>> [cache.kv_values_per_token for cache in block_caches(llama, [llama.model.embed_tokens, llama.model.layers[0]])]
+    [0, 64]
     """
     config = _decoder_config(model)
     if config is None or not _can_generate(model):
@@ -176,8 +181,12 @@ def _layer_list(model: nn.Module, count: int) -> list[nn.Module]:
 def cache_layer_indices(block: nn.Module) -> tuple[int, ...]:
     """The indices of the cache layers ``block`` writes, as the model addresses its cache.
 
-    >>> cache_layer_indices(model.model.layers[3])  # doctest: +SKIP
-    (3,)
+    >>> import transformers
+    >>> with torch.device("meta"):
+    ...     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64,
+    ...                                           num_attention_heads=4, intermediate_size=128, vocab_size=100))
+    >>> cache_layer_indices(llama.model.layers[1])
+    (1,)
     """
     return tuple(sorted(_cache_layers(block)))
 

@@ -138,7 +138,9 @@ def profile_config(
     ``quantization`` to quantize while loading (bitsandbytes), is applied to the skeleton
     by transformers' quantizer, so blocks are sized as they will be in memory.
 
-    >>> profile_config("models/Llama-3.1-8B", dtype="bfloat16").blocks[1].name  # doctest: +SKIP
+    >>> from transformers import LlamaConfig
+    >>> config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, vocab_size=100)
+    >>> profile_config(config, dtype="bfloat16").blocks[1].name
     'model.layers.0'
     """
     config = load_config(model, trust_remote_code)

@@ -31,7 +31,10 @@ def load_config(model: str | os.PathLike | PretrainedConfig, trust_remote_code: 
 
     Nothing is downloaded: a path that does not exist is an error, not a hub name.
 
-    >>> load_config("models/Llama-3.1-8B/config.json").model_type  # doctest: +SKIP
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     transformers.LlamaConfig().save_pretrained(folder)
+    ...     load_config(Path(folder) / "config.json").model_type
     'llama'
     """
     if isinstance(model, PretrainedConfig):

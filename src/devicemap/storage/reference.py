@@ -74,6 +74,7 @@ def model_folder(model: str | os.PathLike, revision: str | None = None) -> Path:
 def checkpoint_layout(model: nn.Module, tensors: Mapping[str, TensorInfo]) -> StoredLayout:
     """How ``tensors`` (a checkpoint's, by its names) lay out under ``model``'s names, by transformers' rules.
 
+    >>> import torch
     >>> packed = {"weight": TensorInfo("weight", Path("w"), torch.int8, (2, 2)),
     ...           "weight_scale": TensorInfo("weight_scale", Path("w"), torch.float32, (2,))}
     >>> checkpoint_layout(nn.Linear(2, 2), packed).extra

@@ -9,6 +9,7 @@ non-persistent buffers) is made last, where it computes.
 import functools
 import os
 import traceback
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -99,6 +100,7 @@ def load(
     built.eval()
     built.hf_device_map = plan.device_map
     built.devicemap_plan = plan
+    _warn_past_workload(built, plan.workload)
     if (checkpoint.folder / "generation_config.json").is_file() and built.can_generate():
         built.generation_config = GenerationConfig.from_pretrained(checkpoint.folder)
     return attach(built, blocks, prefetch_depth=prefetch_depth, disk_resident_bytes=disk_resident_bytes)
@@ -146,3 +148,29 @@ def _finish_tensors(model: nn.Module, blocks: list[PlacedBlock], sources: Source
                 made = True
     if made and isinstance(model, PreTrainedModel):
         model.initialize_weights()
+
+
+def _warn_past_workload(model: nn.Module, workload: Workload) -> None:
+    """Warn once, on the first forward past the planned batch × tokens: its reserves were sized for less."""
+    planned = workload.batch_size * workload.max_tokens
+
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if inputs is None:
+            return
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 passes it as ``cache``
+        cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        batch, tokens = inputs.shape[0], cached + inputs.shape[1]
+        if batch * tokens <= planned:
+            return
+        handle.remove()
+        warnings.warn(
+            f"this forward runs {batch} × {tokens:,} tokens, past the {workload.batch_size} × "
+            f"{workload.max_tokens:,} the plan reserved KV cache and activations for; it may run out of "
+            "memory: plan again with a larger Workload",
+            stacklevel=2,
+        )
+
+    handle = model.register_forward_pre_hook(check, with_kwargs=True)

@@ -389,11 +389,7 @@ def _does_not_fit(
     )
     smaller = "or use a smaller workload (batch_size or max_tokens) or dtype"
     if tiers:
-        keeps = (
-            f"{compute[-1]} also keeps those of every block on {' or '.join(tiers)} with room to stream it"
-            if len(compute) == 1
-            else f"the devices computing the blocks on {' or '.join(tiers)} also keep theirs, with room to stream them"
-        )
+        keeps = _offload_keeps(units, compute, tiers)
         return DoesNotFitError(
             f"{needs}, but the KV cache and activations stay on {', '.join(compute)}, and {keeps}, so no "
             f"contiguous split fits; add memory on {', '.join(compute)}, {smaller}"
@@ -404,6 +400,21 @@ def _does_not_fit(
     if not offload:
         advice = f"allow offload (drop offload=False / --no-offload), add {more} on {', '.join(compute)}"
     return DoesNotFitError(f"{needs}, and no contiguous split fits; {advice}, {smaller}")
+
+
+def _offload_keeps(units: Sequence[Unit], compute: Sequence[str], tiers: Sequence[str]) -> str:
+    """What the computing devices keep for offloaded blocks, with the streaming room that may be what blocks."""
+    offloaded = " or ".join(tiers)
+    if compute == ["cpu"]:
+        return f"cpu also keeps those of every block on {offloaded}, computed in place on the mapped file"
+    room = format_size(STREAM_COPIES * max(unit.weight_bytes for unit in units))
+    staging = ", and cpu as much again to stage it from disk" if "disk" in tiers else ""
+    keeps = (
+        f"{compute[-1]} also keeps those of every block on {offloaded} with room to stream it"
+        if len(compute) == 1
+        else f"the devices computing the blocks on {offloaded} also keep theirs, with room to stream them"
+    )
+    return f"{keeps} (up to {room} for the largest block, {STREAM_COPIES} copies{staging})"
 
 
 def _refuse_offload(plan: Plan) -> None:

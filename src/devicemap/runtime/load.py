@@ -151,26 +151,28 @@ def _finish_tensors(model: nn.Module, blocks: list[PlacedBlock], sources: Source
 
 
 def _warn_past_workload(model: nn.Module, workload: Workload) -> None:
-    """Warn once, on the first forward past the planned batch × tokens: its reserves were sized for less."""
-    planned = workload.batch_size * workload.max_tokens
+    """Warn once, on the first forward past the planned batch × tokens: its reserves were sized for less.
 
-    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    The check wraps this model's ``forward`` rather than adding a hook, so that the hooks stay
+    dispatch's alone; once it has warned, the plain ``forward`` is back.
+    """
+    planned = workload.batch_size * workload.max_tokens
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def checked(*args, **kwargs):
         inputs = kwargs.get("input_ids", args[0] if args else None)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
-        if inputs is None:
-            return
+        inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 passes it as ``cache``
         cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
-        batch, tokens = inputs.shape[0], cached + inputs.shape[1]
-        if batch * tokens <= planned:
-            return
-        handle.remove()
-        warnings.warn(
-            f"this forward runs {batch} × {tokens:,} tokens, past the {workload.batch_size} × "
-            f"{workload.max_tokens:,} the plan reserved KV cache and activations for; it may run out of "
-            "memory: plan again with a larger Workload",
-            stacklevel=2,
-        )
+        if inputs is not None and inputs.shape[0] * (cached + inputs.shape[1]) > planned:
+            del model.forward
+            warnings.warn(
+                f"this forward runs {inputs.shape[0]} × {cached + inputs.shape[1]:,} tokens, past the "
+                f"{workload.batch_size} × {workload.max_tokens:,} the plan reserved KV cache and activations "
+                "for; it may run out of memory: plan again with a larger Workload",
+                stacklevel=2,
+            )
+        return forward(*args, **kwargs)
 
-    handle = model.register_forward_pre_hook(check, with_kwargs=True)
+    model.forward = checked

@@ -4,7 +4,8 @@ The device accounting here is written again from the design, not taken from
 ``devicemap.ledger.DeviceLoad``: a device that computes some units holds their buffers,
 fixed state, KV cache and the largest of their activations (logits included); it keeps
 the weights of the units stored on it; and a device computing units stored elsewhere keeps
-room to stream twice the largest of them. The per-unit prices come from
+room to stream twice the largest of them, unless it is the CPU, which computes them in place
+on the mapped file. The per-unit prices come from
 ``ledger.price_units``, which test_planner checks against hand-computed numbers.
 
 Placement rule enumerated (the design's): a leading run of units is resident, one
@@ -126,7 +127,7 @@ def price_split(groups: Groups, offloaded, compute, budgets, tokens) -> Split | 
     capacities, shares = [], []
     for index, (device, group) in enumerate(zip(compute, groups)):
         streamed = offloaded if index == len(compute) - 1 else ()
-        fixed = fixed_bytes(group, group + streamed, streamed)
+        fixed = fixed_bytes(group, group + streamed, streamed if device != "cpu" else ())
         rate = kv_rate(group + streamed)
         if fixed + rate * tokens > budgets[device]:
             return None
@@ -172,16 +173,17 @@ def best_split_by_dp(units, compute, budgets, tokens, offloaded=(), score=None) 
         best = [
             max(
                 min(best[start], score(budgets[device], fixed, rate, tokens, busy))
-                for start, fixed, rate, busy in runs_ending_at(units, end, streamed)
+                for start, fixed, rate, busy in runs_ending_at(units, end, streamed, device)
             )
             for end in range(len(units) + 1)
         ]
     return best[len(units)]
 
 
-def runs_ending_at(units, end: int, streamed):
-    """(start, fixed bytes, KV bytes per token, computes anything) of every run ``units[start:end]``."""
-    weights = sum(unit.buffer_bytes + unit.fixed_kv_bytes for unit in streamed) + stream_room(streamed)
+def runs_ending_at(units, end: int, streamed, device: str):
+    """(start, fixed bytes, KV bytes per token, computes anything) of every run ``units[start:end]`` on ``device``."""
+    room = stream_room(streamed) if device != "cpu" else 0
+    weights = sum(unit.buffer_bytes + unit.fixed_kv_bytes for unit in streamed) + room
     peak = max((unit.activation_bytes + unit.logits_bytes for unit in streamed), default=0)
     rate = kv_rate(streamed)
     yield end, weights + peak, rate, bool(streamed)

@@ -257,9 +257,11 @@ def test_the_plan_table_names_the_blocks_each_device_holds_and_counts_them_as_th
     code = main(["plan", str(demo_model), "--max-memory", "cpu=150MB", "--max-tokens", "64"])
     out = capsys.readouterr().out
     assert code == 0
-    assert re.search(r"│ cpu +│ +2 │ embed_tokens, lm_head", out)
-    assert re.search(r"│ disk +│ +32 │ layers 0-29, norm, rotary_emb", out)
-    assert "cpu holds 2 of 34 blocks with the workload's reserves; the last 32 (" in out
+    # The CPU computes disk blocks in place, so it keeps no streaming room and holds two layers beside
+    # the tied embedding and head.
+    assert re.search(r"│ cpu +│ +4 │ embed_tokens, lm_head, layers 0-1", out)
+    assert re.search(r"│ disk +│ +30 │ layers 2-29, norm, rotary_emb", out)
+    assert "cpu holds 4 of 34 blocks with the workload's reserves; the last 30 (" in out
 
 
 def test_plan_says_which_strategies_give_the_same_plan(llama_70b_config, capsys):
@@ -281,3 +283,9 @@ def test_a_system_message_opens_the_chat(demo_model):
     tokenizer = AutoTokenizer.from_pretrained(demo_model)
     ids = tokenize(tokenizer, ["Hi"], chat=True, system="Answer in French.")["input_ids"][0]
     assert tokenizer.decode(ids).index("Answer in French.") < tokenizer.decode(ids).index("Hi")
+
+
+def test_plan_without_a_workload_plans_the_longest_sequence_that_fits_and_says_so(demo_model, capsys):
+    code = main(["plan", str(demo_model), "--max-memory", "cpu=150MB"])
+    assert code == 0
+    assert "no workload given: planned for 1 × 2,100 tokens, the most that fit" in capsys.readouterr().out

@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan_command.add_argument("--strategy", default="auto", help=_STRATEGY_HELP)
     _add_placement_options(plan_command)
-    plan_command.add_argument("--batch-size", type=int, default=1, help="sequences at once (default 1)")
+    plan_command.add_argument("--batch-size", type=int, help="sequences at once (default 1)")
     plan_command.add_argument("--max-tokens", type=int, help="tokens per sequence (default: context or 4096)")
     plan_command.add_argument("--json", action="store_true", help="print the plan as JSON, with its device_map")
     plan_command.add_argument(
@@ -144,7 +144,9 @@ def _run_plan(args) -> int:
     from .runtime.api import profile_of
     from .workload import Workload
 
-    workload = Workload(args.batch_size, args.max_tokens, args.kv_dtype)
+    # No workload asked for: the plan takes the longest sequence up to the default that fits, and says so.
+    asked = (args.batch_size, args.max_tokens, args.kv_dtype) != (None, None, None)
+    workload = Workload(args.batch_size or 1, args.max_tokens, args.kv_dtype) if asked else None
     placement = _placement(args)
     if args.pipeline:
         if args.quantize or args.revision:

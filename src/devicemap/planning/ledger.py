@@ -157,12 +157,23 @@ class DeviceLoad:
 def assign(loads: dict[str, DeviceLoad], unit: Unit, device: str, execution_device: str) -> None:
     """Charge a unit kept on ``device`` and computed on ``execution_device`` to the loads.
 
-    Weights streamed from disk to an accelerator pass through pinned host buffers, so the
-    CPU keeps room for them too.
+    The CPU computes disk blocks in place on the memory-mapped file, so they take no room
+    beyond their file's pages. Weights streamed to an accelerator take slots there, and
+    from disk they pass through pinned host buffers, so the CPU keeps room for them too.
+
+    >>> from devicemap.model.profile import Block, Profile
+    >>> from devicemap.workload import Workload
+    >>> unit = price_units(Profile("toy", "float32", (Block("layer", 10),)), Workload(1, 1, "float32"))[0]
+    >>> loads = {"cpu": DeviceLoad(100, 1), "disk": DeviceLoad(100, 1)}
+    >>> assign(loads, unit, "disk", "cpu")
+    >>> loads["cpu"].stream_bytes, loads["disk"].weight_bytes
+    (0, 10)
     """
     loads[device].store(unit)
     loads[execution_device].execute(unit)
+    if execution_device == "cpu":
+        return
     if device != execution_device:
         loads[execution_device].stream(unit)
-    if device == "disk" and execution_device != "cpu" and "cpu" in loads:
+    if device == "disk" and "cpu" in loads:
         loads["cpu"].stream(unit, for_device=execution_device)

@@ -11,7 +11,7 @@ import copy
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from itertools import accumulate
 
@@ -27,6 +27,10 @@ from .search import Open, largest_limit, pack, smallest_limit
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 OFFLOAD_TIERS = ("cpu", "disk")
+# With no workload given, plans shorten the default sequence down to this, no further: a chat
+# prompt with its template and an answer of a few hundred tokens; a model that cannot run
+# that much is refused rather than planned for sequences too short to use.
+MIN_DEFAULT_TOKENS = 256
 _SHARE_STEPS = 2**50  # the share search divides a budget into this many steps: 50 halvings
 Groups = list[list[Unit]]
 LoadFactory = Callable[[str], DeviceLoad]
@@ -76,13 +80,48 @@ def make_plan(
     >>> make_plan(profile, {"cuda:0": 25, "cuda:1": 25}).device_map
     {'layers.0': 0, 'layers.1': 0, 'layers.2': 1, 'layers.3': 1}
     """
-    workload = (workload or Workload()).resolve(profile.max_context, profile.dtype)
     budgets = dict(sorted(budgets.items(), key=lambda item: device_order(item[0])))
-    strategy, (placements, reasons) = _place(profile, budgets, workload, device_map, offload)
+    if workload is None:
+        workload, strategy, (placements, reasons) = _place_longest(profile, budgets, device_map, offload)
+    else:
+        workload = workload.resolve(profile.max_context, profile.dtype)
+        strategy, (placements, reasons) = _place(profile, budgets, workload, device_map, offload)
     plan = Plan(profile, workload, tuple(budgets.items()), strategy, tuple(placements), tuple(reasons))
     if not offload:
         _refuse_offload(plan)
     return plan
+
+
+def _place_longest(
+    profile: Profile, budgets: dict[str, int], device_map: str | int | Mapping, offload: bool
+) -> tuple[Workload, str, Placed]:
+    """With no workload given: one sequence of the default length, or of the most tokens that fit down to the floor.
+
+    A caller who gave no workload asked to run the model, not to reserve 4,096 tokens; a
+    budget that holds the weights and a shorter sequence should load, as it does in
+    transformers. Below ``MIN_DEFAULT_TOKENS`` the refusal for the floor stands.
+    """
+    default = Workload().resolve(profile.max_context, profile.dtype)
+
+    def place(max_tokens: int) -> tuple[Workload, str, Placed] | None:
+        workload = replace(default, max_tokens=max_tokens)
+        try:
+            return workload, *_place(profile, budgets, workload, device_map, offload)
+        except DoesNotFitError:
+            return None
+
+    floor = min(MIN_DEFAULT_TOKENS, default.max_tokens)
+    placed = place(default.max_tokens) or largest_limit(place, floor, default.max_tokens)
+    if placed is None:
+        _place(profile, budgets, replace(default, max_tokens=floor), device_map, offload)
+    workload, strategy, (placements, reasons) = placed
+    if workload.max_tokens == default.max_tokens:
+        return placed
+    shortened = (
+        f"no workload given: planned for 1 × {workload.max_tokens:,} tokens, the most that fit "
+        f"(the default is {default.max_tokens:,}); pass a Workload to plan for a longer one"
+    )
+    return workload, strategy, (placements, [shortened, *reasons])
 
 
 def _place(
@@ -350,11 +389,7 @@ def _does_not_fit(
     )
     smaller = "or use a smaller workload (batch_size or max_tokens) or dtype"
     if tiers:
-        keeps = (
-            f"{compute[-1]} also keeps those of every block on {' or '.join(tiers)} with room to stream it"
-            if len(compute) == 1
-            else f"the devices computing the blocks on {' or '.join(tiers)} also keep theirs, with room to stream them"
-        )
+        keeps = _offload_keeps(units, compute, tiers)
         return DoesNotFitError(
             f"{needs}, but the KV cache and activations stay on {', '.join(compute)}, and {keeps}, so no "
             f"contiguous split fits; add memory on {', '.join(compute)}, {smaller}"
@@ -365,6 +400,21 @@ def _does_not_fit(
     if not offload:
         advice = f"allow offload (drop offload=False / --no-offload), add {more} on {', '.join(compute)}"
     return DoesNotFitError(f"{needs}, and no contiguous split fits; {advice}, {smaller}")
+
+
+def _offload_keeps(units: Sequence[Unit], compute: Sequence[str], tiers: Sequence[str]) -> str:
+    """What the computing devices keep for offloaded blocks, with the streaming room that may be what blocks."""
+    offloaded = " or ".join(tiers)
+    if compute == ["cpu"]:
+        return f"cpu also keeps those of every block on {offloaded}, computed in place on the mapped file"
+    room = format_size(STREAM_COPIES * max(unit.weight_bytes for unit in units))
+    staging = ", and cpu as much again to stage it from disk" if "disk" in tiers else ""
+    keeps = (
+        f"{compute[-1]} also keeps those of every block on {offloaded} with room to stream it"
+        if len(compute) == 1
+        else f"the devices computing the blocks on {offloaded} also keep theirs, with room to stream them"
+    )
+    return f"{keeps} (up to {room} for the largest block, {STREAM_COPIES} copies{staging})"
 
 
 def _refuse_offload(plan: Plan) -> None:

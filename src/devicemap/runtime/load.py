@@ -9,6 +9,7 @@ non-persistent buffers) is made last, where it computes.
 import functools
 import os
 import traceback
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -108,6 +109,7 @@ def load(
     built.eval()
     built.hf_device_map = plan.device_map
     built.devicemap_plan = plan
+    _warn_past_workload(built, plan.workload)
     if (checkpoint.folder / "generation_config.json").is_file() and built.can_generate():
         built.generation_config = GenerationConfig.from_pretrained(checkpoint.folder)
     return attach(built, blocks, prefetch_depth=prefetch_depth, disk_resident_bytes=disk_resident_bytes)
@@ -165,3 +167,31 @@ def _finish_tensors(model: nn.Module, blocks: list[PlacedBlock], sources: Source
                 made = True
     if made and isinstance(model, PreTrainedModel):
         model.initialize_weights()
+
+
+def _warn_past_workload(model: nn.Module, workload: Workload) -> None:
+    """Warn once, on the first forward past the planned batch × tokens: its reserves were sized for less.
+
+    The check wraps this model's ``forward`` rather than adding a hook, so that the hooks stay
+    dispatch's alone; once it has warned, the plain ``forward`` is back.
+    """
+    planned = workload.batch_size * workload.max_tokens
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def checked(*args, **kwargs):
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 passes it as ``cache``
+        cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        if inputs is not None and inputs.shape[0] * (cached + inputs.shape[1]) > planned:
+            del model.forward
+            warnings.warn(
+                f"this forward runs {inputs.shape[0]} × {cached + inputs.shape[1]:,} tokens, past the "
+                f"{workload.batch_size} × {workload.max_tokens:,} the plan reserved KV cache and activations "
+                "for; it may run out of memory: plan again with a larger Workload",
+                stacklevel=2,
+            )
+        return forward(*args, **kwargs)
+
+    model.forward = checked

@@ -26,7 +26,7 @@ LAYER_1_ON_DISK = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.
 DISK_FULL = re.compile(
     r"the disk holding offload folder (?P<parent>\S+) filled up \(No space left on device\) after "
     r"(?P<written>[\d.]+) MiB of offloaded weights were written into (?P<folder>\S+); the (?P<blocks>\d+) disk "
-    r"block\(s\) begun so far need (?P<needed>[\d.]+ MiB): free at least (?P<more>[\d.]+) MiB more on that disk, "
+    r"block\(s\) of this load need (?P<needed>[\d.]+ MiB): free at least (?P<more>[\d.]+) MiB more on that disk, "
     r"pass offload_folder on a disk with more room, or lower the disk budget"
 )
 
@@ -84,4 +84,15 @@ def test_the_bytes_needed_count_every_block_begun(small_disk):
     assert (found["blocks"], found["needed"]) == ("2", "6.0 MiB")
     assert 3.5 <= float(found["written"]) <= 4.0
     files.discard()
+    assert list(small_disk.iterdir()) == []
+
+
+def test_the_bytes_needed_are_those_of_every_disk_block_of_the_load(small_disk, tmp_path):
+    folder, layer_bytes = checkpoint(tmp_path / "model")
+    both_layers_on_disk = {**LAYER_1_ON_DISK, "model.layers.0": "disk"}
+    with pytest.raises(DeviceMapError) as raised, pytest.warns(UserWarning):
+        load(folder, device_map=both_layers_on_disk, dtype=torch.bfloat16, offload_folder=small_disk)
+    found = DISK_FULL.search(str(raised.value))
+    assert found, str(raised.value)
+    assert (found["blocks"], found["needed"]) == ("2", format_size(2 * layer_bytes))
     assert list(small_disk.iterdir()) == []

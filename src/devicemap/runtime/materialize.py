@@ -32,7 +32,7 @@ from ..model.profile import names_per_tensor
 from ..planning.plan import Placement, Plan
 from ..storage.checkpoint import Checkpoint
 from ..storage.offload import OffloadFiles
-from ..storage.safetensors_file import Produced
+from ..storage.safetensors_file import Produced, TensorSpec
 from ..storage.sources import Source, SourceMap
 from .dtype_support import require_supported_dtypes
 from .paging import unmap_pages
@@ -323,6 +323,7 @@ def _place(
             # What is ready costs nothing to take, and an accelerator converts faster than the threads.
             in_this_thread.append(item)
     made = [(item, pool.submit(source.make, item.handle, "cpu")) for item in on_host]
+    files.expect([_specs(items, source) for items in for_disk.values()])
     written = [
         (items, pool.submit(_write_block, block, items, source, files, advance)) for block, items in for_disk.items()
     ]
@@ -375,13 +376,18 @@ def _write_block(
 ) -> dict[str, torch.Tensor]:
     """Write a disk block's tensors into an offload file, one at a time, and map them from it."""
     handles = {item.tensors[0].name: item.handle for item in items}
-    specs = [(name, source.dtype(handle), source.shape(handle)) for name, handle in handles.items()]
+    specs = _specs(items, source)
 
     def produce(name: str) -> Produced:
         advance("disk", _bytes(source, handles[name]))
         return source.pieces(handles[name])
 
     return files.write_block(block, specs, produce)
+
+
+def _specs(items: list[_Placing], source: TensorSource) -> list[TensorSpec]:
+    """What a disk block's offload file holds: each tensor's name, dtype and shape at its load dtype."""
+    return [(item.tensors[0].name, source.dtype(item.handle), source.shape(item.handle)) for item in items]
 
 
 def _assign(tensors: tuple[BlockTensor, ...], value: torch.Tensor) -> None:

@@ -53,7 +53,22 @@ class OffloadFiles:
         self._created_parents: list[Path] = []
         self._files = 0
         self._needed_bytes = 0
+        self._expected = (0, 0)  # blocks and bytes the whole load will write, once told
         self._lock = threading.Lock()
+
+    def expect(self, specs_per_block: Sequence[Sequence[TensorSpec]]) -> None:
+        """Say what every block of this load will write, so that a full disk can say how much was needed.
+
+        >>> files = OffloadFiles(None)
+        >>> files.expect([[("w", torch.float32, (2, 2))], [("b", torch.float32, (2,))]])
+        >>> files.needed()
+        (2, 216)
+        """
+        self._expected = (len(specs_per_block), sum(file_bytes(specs) for specs in specs_per_block))
+
+    def needed(self) -> tuple[int, int]:
+        """Blocks and bytes this load writes: as told by ``expect``, or else as many as were begun."""
+        return max(self._expected[0], self._files), max(self._expected[1], self._needed_bytes)
 
     def write_block(
         self, block: str, specs: Sequence[TensorSpec], produce: Callable[[str], Produced]
@@ -118,11 +133,12 @@ class OffloadFiles:
 
     def _disk_full_error(self, error: OSError) -> DeviceMapError:
         written_bytes = _bytes_in(self.folder) if self.folder is not None else 0
+        blocks, needed_bytes = self.needed()
         return DeviceMapError(
             f"the disk holding offload folder {self.parent} filled up ({error.strerror}) after "
             f"{format_size(written_bytes)} of offloaded weights were written into {self.folder or self.parent}; "
-            f"the {self._files} disk block(s) begun so far need {format_size(self._needed_bytes)}: free at least "
-            f"{format_size(self._needed_bytes - written_bytes)} more on that disk, pass offload_folder on a disk "
+            f"the {blocks} disk block(s) of this load need {format_size(needed_bytes)}: free at least "
+            f"{format_size(needed_bytes - written_bytes)} more on that disk, pass offload_folder on a disk "
             "with more room, or lower the disk budget (max_memory={..., 'disk': ...})"
         )
 

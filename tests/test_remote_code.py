@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 import devicemap
+from devicemap.cli import main
 from devicemap.errors import CheckpointError, PipelineError
 from devicemap.model.profile import profile_config
 from devicemap.pipeline import Pipeline
@@ -136,3 +137,15 @@ def test_a_pipeline_of_a_model_shipping_code_it_cannot_split_is_refused_before_a
     with pytest.raises(PipelineError, match="model type 'tinygpt' is not supported"):
         Pipeline(gpt2_style, stages=2, device="cpu", trust_remote_code=True)
     assert set(psutil.Process().children(recursive=True)) == children
+
+
+@pytest.mark.parametrize("pipeline", [[], ["--pipeline", "2"]], ids=["device-map", "pipeline"])
+def test_the_command_line_plans_a_model_shipping_its_own_code_only_with_trust_remote_code(
+    gpt2_style, pipeline, capsys
+):
+    budgets = "0=1GiB,1=1GiB" if pipeline else "cpu=1GiB"
+    command = ["plan", str(gpt2_style), "--max-memory", budgets, "--json", *pipeline]
+    assert main(command) == 2
+    assert "ships its own modeling code" in capsys.readouterr().err
+    assert main([*command, "--trust-remote-code"]) == 0
+    assert "transformer.h.3" in capsys.readouterr().out

@@ -147,7 +147,7 @@ def _unreachable(repo_id: str, revision: str | None, at: str) -> str:
 
 
 def _partly_cached(repo_id: str, snapshot: str, at: str) -> str:
-    blocked = "HF_HUB_OFFLINE forbids fetching the rest" if is_offline_mode() else f"{at} cannot be reached for the rest"
+    blocked = "HF_HUB_OFFLINE forbids fetching the rest" if is_offline_mode() else f"{at} cannot be reached"
     return (
         f"model {repo_id} is only partly in the Hugging Face cache ({snapshot}), and {blocked}; fetch it again "
         "where the Hub can be reached"

@@ -191,6 +191,15 @@ def test_a_hub_id_shipping_its_own_code_is_fetched_with_it_only_when_trusted(hub
     assert torch.equal(tokens(model), tokens(plain))
 
 
+def test_offline_code_never_fetched_is_named_as_the_part_of_the_model_not_in_the_cache(hub, tmp_path, monkeypatch):
+    hub.add("org/tinygpt", folder_files(write_gpt2_style(tmp_path / "tinygpt")))
+    with pytest.raises(CheckpointError, match="ships its own modeling code"):
+        devicemap.load("org/tinygpt")
+    set_offline(monkeypatch, offline=True)
+    with pytest.raises(DeviceMapError, match="org/tinygpt is only partly in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        devicemap.load("org/tinygpt", trust_remote_code=True)
+
+
 @pytest.fixture(scope="module")
 def tiny_chat_model(demo_model, tmp_path_factory) -> Path:
     """A two-layer random Llama with the demo model's tokenizer, small enough to serve."""

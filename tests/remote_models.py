@@ -8,7 +8,10 @@ its own module holding a buffer, and its own cache, a tuple of (key, value) per 
 out sequence first. ``write_gpt2_style`` writes one with GPT-2's names (``transformer.wte``,
 ``transformer.h.N``, ``transformer.ln_f``, ``lm_head``) and a batch-first cache. Both
 folders hold config.json with ``auto_map``, their configuration and modeling files, and
-seeded random weights; transformers knows neither model type.
+seeded random weights; transformers knows neither model type. ``write_llama_style`` writes
+a Llama whose repository ships its own patched copy of the code (classes of its own, ReLU
+in the MLPs, model type "llama"), as repositories that patch Llama do: the pipeline splits
+it like a Llama, and only its own code gives its tokens.
 
     folder = write_chatglm2(tmp_path / "chatglm2")
     model = AutoModel.from_pretrained(folder, trust_remote_code=True)
@@ -18,12 +21,12 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from devicemap.storage.shards import write_sharded
 
 CONFIGURATION = '''
-from transformers import PretrainedConfig
+from transformers import LlamaConfig, PretrainedConfig
 
 
 class ChatGLMConfig(PretrainedConfig):
@@ -53,6 +56,10 @@ class TinyGPTConfig(PretrainedConfig):
         self.n_head = n_head
         self.n_positions = n_positions
         super().__init__(**kwargs)
+
+
+class ShippedLlamaConfig(LlamaConfig):
+    model_type = "llama"
 '''
 
 MODELING = '''
@@ -60,10 +67,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, LlamaForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_remote import ChatGLMConfig, TinyGPTConfig
+from .configuration_remote import ChatGLMConfig, ShippedLlamaConfig, TinyGPTConfig
 
 
 @dataclass
@@ -298,6 +305,17 @@ class TinyGPTLMHeadModel(RemoteGenerationMixin, PreTrainedModel):
     def forward(self, input_ids, cache=None, use_cache=True, **kwargs):
         hidden, presents = self.transformer(input_ids, cache)
         return RemoteOutput(logits=self.lm_head(hidden).float(), cache=presents if use_cache else None)
+
+
+class ShippedLlamaForCausalLM(LlamaForCausalLM):
+    """Llama with the repository's own change: ReLU in the MLPs, which only this code computes."""
+
+    config_class = ShippedLlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.model.layers:
+            layer.mlp.act_fn = nn.ReLU()
 '''
 
 CHATGLM2_CONFIG = {
@@ -336,6 +354,25 @@ GPT2_STYLE_CONFIG = {
 }
 
 
+LLAMA_STYLE_CONFIG = {
+    "model_type": "llama",
+    "architectures": ["ShippedLlamaForCausalLM"],
+    "auto_map": {
+        "AutoConfig": "configuration_remote.ShippedLlamaConfig",
+        "AutoModelForCausalLM": "modeling_remote.ShippedLlamaForCausalLM",
+    },
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+    "dtype": "float32",
+}
+
+
 def write_chatglm2(folder: Path, seed: int = 0) -> Path:
     """A ChatGLM2-shaped model folder with its own code and seeded random weights."""
     return _write_remote_model(folder, CHATGLM2_CONFIG, seed)
@@ -346,14 +383,19 @@ def write_gpt2_style(folder: Path, seed: int = 0) -> Path:
     return _write_remote_model(folder, GPT2_STYLE_CONFIG, seed)
 
 
-def _write_remote_model(folder: Path, config: dict, seed: int) -> Path:
+def write_llama_style(folder: Path, seed: int = 0) -> Path:
+    """A Llama model folder shipping its own code (model type "llama"), with seeded random weights."""
+    return _write_remote_model(folder, LLAMA_STYLE_CONFIG, seed, AutoModelForCausalLM)
+
+
+def _write_remote_model(folder: Path, config: dict, seed: int, auto_class: type = AutoModel) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "configuration_remote.py").write_text(CONFIGURATION)
     (folder / "modeling_remote.py").write_text(MODELING)
     torch.manual_seed(seed)
     loaded = AutoConfig.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
-    model = AutoModel.from_config(loaded, trust_remote_code=True)
+    model = auto_class.from_config(loaded, trust_remote_code=True)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0, 0.3)

@@ -2,14 +2,17 @@
 
 import json
 
+import psutil
 import pytest
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoModelForCausalLM
 
 import devicemap
-from devicemap.errors import CheckpointError
+from devicemap.cli import main
+from devicemap.errors import CheckpointError, PipelineError
 from devicemap.model.profile import profile_config
-from remote_models import write_chatglm2, write_gpt2_style
+from devicemap.pipeline import Pipeline
+from remote_models import write_chatglm2, write_gpt2_style, write_llama_style
 
 PROMPT = torch.tensor([[5, 9, 3, 7, 11]])
 NEW_TOKENS = 8
@@ -37,6 +40,11 @@ def chatglm2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpt2_style(tmp_path_factory):
     return write_gpt2_style(tmp_path_factory.mktemp("remote") / "gpt2_style")
+
+
+@pytest.fixture(scope="module")
+def llama_style(tmp_path_factory):
+    return write_llama_style(tmp_path_factory.mktemp("remote") / "llama_style")
 
 
 def plain_tokens(folder):
@@ -108,3 +116,36 @@ def test_auto_map_naming_only_auto_model_resolves_through_auto_model(tmp_path):
     model = devicemap.load(folder, trust_remote_code=True, device_map="cpu")
     assert type(model).__name__ == "ChatGLMForConditionalGeneration"
     assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False), plain_tokens(folder))
+
+
+@pytest.mark.slow
+def test_a_llama_shipping_its_own_code_runs_that_code_in_two_stages_and_equals_its_generate(llama_style):
+    shipped = AutoModelForCausalLM.from_pretrained(llama_style, trust_remote_code=True).eval()
+    with Pipeline(llama_style, stages=2, device="cpu", threads_per_stage=1, timeout_s=60,
+                  trust_remote_code=True) as pipe:  # fmt: skip
+        output = pipe.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(output, shipped.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False))
+    # transformers' own Llama, which runs without trust_remote_code, computes other tokens.
+    builtin = AutoModelForCausalLM.from_pretrained(llama_style).eval()
+    assert not torch.equal(output, builtin.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False))
+
+
+def test_a_pipeline_of_a_model_shipping_code_it_cannot_split_is_refused_before_any_process_starts(gpt2_style):
+    children = set(psutil.Process().children(recursive=True))
+    with pytest.raises(CheckpointError, match="ships its own modeling code.*pass trust_remote_code=True"):
+        Pipeline(gpt2_style, stages=2, device="cpu")
+    with pytest.raises(PipelineError, match="model type 'tinygpt' is not supported"):
+        Pipeline(gpt2_style, stages=2, device="cpu", trust_remote_code=True)
+    assert set(psutil.Process().children(recursive=True)) == children
+
+
+@pytest.mark.parametrize("pipeline", [[], ["--pipeline", "2"]], ids=["device-map", "pipeline"])
+def test_the_command_line_plans_a_model_shipping_its_own_code_only_with_trust_remote_code(
+    gpt2_style, pipeline, capsys
+):
+    budgets = "0=1GiB,1=1GiB" if pipeline else "cpu=1GiB"
+    command = ["plan", str(gpt2_style), "--max-memory", budgets, "--json", *pipeline]
+    assert main(command) == 2
+    assert "ships its own modeling code" in capsys.readouterr().err
+    assert main([*command, "--trust-remote-code"]) == 0
+    assert "transformer.h.3" in capsys.readouterr().out

@@ -3,6 +3,7 @@
     devicemap plan MODEL --max-memory 0=24GiB,1=24GiB,cpu=64GiB --strategy auto --batch-size 4 --max-tokens 8192
     devicemap plan ORG/NAME --revision main --quantize 4bit --max-memory 0=24GiB,1=24GiB
     devicemap generate [MODEL] "What is machine learning?" --device-map auto --max-new-tokens 50
+    devicemap generate ORG/NAME --revision main "What is machine learning?"
     devicemap clean [FOLDER] [--yes]
 """
 
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     plan_command = commands.add_parser("plan", help="plan where each part of a model goes; loads nothing")
     plan_command.add_argument("model", help="model folder, config.json, or Hub id ORG/NAME")
     plan_command.add_argument("--revision", help="branch, tag or commit of a Hub id (default: main)")
+    _add_trust_option(plan_command)
     plan_command.add_argument(
         "--quantize", choices=sorted(_QUANTIZE), help="plan it quantized while loading, by bitsandbytes"
     )
@@ -79,8 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text with a model spread over the devices")
     generate.add_argument(
         "words", nargs="*", metavar="[MODEL] PROMPT",
-        help="a model folder (default: the demo model), then prompts; '-' reads a prompt from standard input",
+        help="a model folder or Hub id ORG/NAME (default: the demo model), then prompts; '-' reads a prompt from "
+             "standard input",
     )  # fmt: skip
+    generate.add_argument("--revision", help="branch, tag or commit of a Hub id (default: main)")
+    _add_trust_option(generate)
     generate.add_argument("--file", action="append", default=[], metavar="PATH", help="read a prompt from a file")
     generate.add_argument("--device-map", default="auto", help=_STRATEGY_HELP)
     _add_placement_options(generate)
@@ -111,6 +116,13 @@ def _version() -> str:
         return version("devicemap")
     except PackageNotFoundError:
         return "(not installed)"
+
+
+def _add_trust_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="run the modeling code the model ships (its config.json's auto_map); only for a model you trust",
+    )  # fmt: skip
 
 
 def _add_placement_options(parser: argparse.ArgumentParser) -> None:
@@ -151,10 +163,15 @@ def _run_plan(args) -> int:
     if args.pipeline:
         if args.quantize or args.revision:
             raise DeviceMapError("--pipeline plans a local model as it is stored; drop --quantize and --revision")
-        stage_plan = plan_stages(args.model, args.pipeline, workload=workload, **placement)
+        stage_plan = plan_stages(
+            args.model, args.pipeline, workload=workload, trust_remote_code=args.trust_remote_code, **placement
+        )
         print(json.dumps(asdict(stage_plan), indent=1) if args.json else stage_plan)
         return 0
-    profile = profile_of(args.model, placement["dtype"], quantization_config=_quantization(args), revision=args.revision)
+    profile = profile_of(
+        args.model, placement["dtype"], quantization_config=_quantization(args), revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+    )  # fmt: skip
     budgets, notes = _planning_budgets(args.max_memory, args.offload_folder)
     result = make_plan(profile, budgets, workload, _device_map_argument(args.strategy), placement["offload"])
     if args.map:
@@ -266,10 +283,11 @@ class Generation:
 
 def _run_generate(args) -> int:
     _check_generation_options(args)
-    model_path, prompts = _split_model_and_prompts(args.words)
+    model, prompts = _split_model_and_prompts(args.words)
     prompts = [*_read_prompts(prompts), *(_read_file(path) for path in args.file)]
     _check_prompts(prompts)
-    tokenizer = _tokenizer(model_path)
+    model_path = _model_folder(model, args)
+    tokenizer = _tokenizer(model_path, args.trust_remote_code)
     if args.threads:
         import torch
 
@@ -303,13 +321,19 @@ def _check_generation_options(args) -> None:
         )
 
 
-def _split_model_and_prompts(words: list[str]) -> tuple[Path, list[str]]:
-    """A first word that looks like a path must be a model folder: a typo must not become a prompt."""
-    from .storage.demo import demo_model_path
+def _split_model_and_prompts(words: list[str]) -> tuple[Path | str | None, list[str]]:
+    """The model (a folder, a Hub id, or None for the demo model) and the prompts.
+
+    A first word that looks like a path must be a model folder, or a Hub id when no such
+    folder exists: a typo must not become a prompt.
+    """
+    from .storage.hub import is_hub_id
 
     if not words or not _looks_like_path(words[0]):
-        return demo_model_path(), words
+        return None, words
     folder = Path(words[0]).expanduser()
+    if not folder.exists() and is_hub_id(words[0]):
+        return words[0], words[1:]
     if not folder.exists():
         raise DeviceMapError(
             f"model folder {words[0]} does not exist; name a folder holding config.json, or leave the model "
@@ -318,6 +342,16 @@ def _split_model_and_prompts(words: list[str]) -> tuple[Path, list[str]]:
     if not (folder / "config.json").is_file():
         raise DeviceMapError(f"{words[0]} is not a model folder: it has no config.json")
     return folder, words[1:]
+
+
+def _model_folder(model: Path | str | None, args) -> Path:
+    """The folder to load: the demo model's, a folder as given, or a Hub id's snapshot in the Hugging Face cache."""
+    from .storage.demo import demo_model_path
+    from .storage.reference import model_folder
+
+    if model is None and args.revision is not None:
+        raise DeviceMapError(f"--revision {args.revision} applies to a Hub id ORG/NAME; name one before the prompt")
+    return model_folder(demo_model_path() if model is None else model, args.revision, args.trust_remote_code)
 
 
 def _looks_like_path(word: str) -> bool:
@@ -343,7 +377,7 @@ def _check_prompts(prompts: list[str]) -> None:
             raise DeviceMapError(f"prompt {number} of {len(prompts)} is empty; give it some text")
 
 
-def _tokenizer(model_path: Path):
+def _tokenizer(model_path: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     if not any((model_path / name).is_file() for name in _TOKENIZER_FILES):
@@ -351,7 +385,7 @@ def _tokenizer(model_path: Path):
             f"model folder {model_path} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}); copy them "
             "from the model's original repository"
         )
-    return AutoTokenizer.from_pretrained(model_path)
+    return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
 
 
 def _check_device_exists(device_map) -> None:
@@ -383,7 +417,7 @@ def _generate_here(model_path: Path, tokenizer, prompts: list[str], args) -> int
     workload = Workload(1, longest + args.max_new_tokens, args.kv_dtype)
     model = load(
         model_path, device_map=device_map, workload=workload, quantization_config=_quantization(args),
-        **_placement(args),
+        trust_remote_code=args.trust_remote_code, **_placement(args),
     )  # fmt: skip
     console = _console()
     console.print(str(model.devicemap_plan), soft_wrap=True)
@@ -437,7 +471,10 @@ def _generate_in_pipeline(model_path: Path, tokenizer, inputs: dict, args) -> in
 
     batch_size, prompt_tokens = inputs["input_ids"].shape
     workload = Workload(batch_size, prompt_tokens + args.max_new_tokens, args.kv_dtype)
-    with Pipeline(model_path, stages=args.pipeline, workload=workload, **_placement(args)) as pipe:
+    with Pipeline(
+        model_path, stages=args.pipeline, workload=workload, trust_remote_code=args.trust_remote_code,
+        **_placement(args),
+    ) as pipe:
         _console().print(pipe.stage_plan.table())
         started = time.perf_counter()
         output = pipe.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=args.max_new_tokens)
@@ -457,12 +494,13 @@ def _generate_as_rank(model_path: Path, tokenizer, inputs: dict, args) -> int:
     output = generate_as_rank(
         model_path, inputs["input_ids"], inputs["attention_mask"], stages=args.pipeline,
         max_new_tokens=args.max_new_tokens, dtype=_load_dtype(args.dtype), max_memory=args.max_memory,
+        trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     if output is None:
         return 0
     _console().print(output.stage_plan.table())
     _print_texts(tokenizer, output.new_tokens)
-    pad_token_id = special_tokens(model_path, load_config(model_path))[1]
+    pad_token_id = special_tokens(model_path, load_config(model_path, args.trust_remote_code))[1]
     _print_speed(int((output.new_tokens != pad_token_id).sum()), output.seconds)
     return 0
 

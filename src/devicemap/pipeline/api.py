@@ -39,6 +39,7 @@ from ..model.skeleton import load_config
 from ..planning.stages import RankBudgets, StagePlan, parse_rank_budgets, split_stages
 from ..runtime.api import profile_of
 from ..runtime.prompts import tokenize
+from ..storage.reference import model_folder
 from ..units import parse_size
 from ..workload import Workload, dtype_name
 from .launch import Workers
@@ -60,6 +61,7 @@ def plan_stages(
     device: str = "auto",
     offload: bool | Sequence[Mapping[str, int | str]] = True,
     offload_folder: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
 ) -> StagePlan:
     """Plan which blocks each of ``stages`` ranks holds, from the config alone.
 
@@ -71,6 +73,7 @@ def plan_stages(
     When no split fits, ranks offload the tail of their stage (``offload``): to an equal
     share of this machine's free RAM (GPU ranks) and of the disk under ``offload_folder``,
     or, per rank, to the sizes ``offload`` gives (e.g. ``[{}, {"disk": "4GiB"}]``).
+    ``trust_remote_code`` reads a model that ships its own modeling code.
 
     >>> from devicemap.model.profile import Block, Profile
     >>> blocks = tuple(Block(name, 2**20) for name in ("embed", "layers.0", "layers.1", "layers.2", "head"))
@@ -82,7 +85,8 @@ def plan_stages(
     given = parse_rank_budgets(max_memory, stages)
     budgets = _rank_budgets(given, stages, kind)
     allowances = _offload_allowances(offload, stages, kind, offload_folder)
-    stage_plan = split_stages(profile_of(model, dtype), budgets, workload, allowances, kind)
+    profile = profile_of(model, dtype, trust_remote_code=trust_remote_code)
+    stage_plan = split_stages(profile, budgets, workload, allowances, kind)
     if kind != "cuda":
         return stage_plan
     reserve = describe_reserve([rank for rank in range(stages) if rank not in given])
@@ -97,7 +101,9 @@ class Pipeline:
     :func:`plan_stages`: a rank keeps what its budget cannot hold in its RAM or on disk.
     ``threads_per_stage`` defaults to an equal share of the CPU cores for CPU stages. A rank
     that fails, dies, or stops answering for ``timeout_s`` stops the whole pipeline with a
-    :class:`PipelineError` naming it.
+    :class:`PipelineError` naming it. ``model`` is a folder, or a Hub id fetched at ``revision``
+    as :func:`devicemap.load` fetches it; ``trust_remote_code`` lets the ranks run the modeling
+    code it ships, which is refused, before any process starts, without it.
     """
 
     def __init__(
@@ -114,6 +120,8 @@ class Pipeline:
         master_addr: str = "127.0.0.1",
         offload: bool | Sequence[Mapping[str, int | str]] = True,
         offload_folder: str | os.PathLike | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
     ):
         if threads_per_stage is not None and threads_per_stage < 1:
             raise DeviceMapError(f"threads_per_stage {threads_per_stage} must be at least 1")
@@ -122,12 +130,13 @@ class Pipeline:
         kind = _device_kind(device, stages)
         if kind == "cuda":
             check_gpus_for(stages, torch.cuda.device_count())
-        self.model = Path(model)
-        self.config = load_config(self.model)
+        self.model = model_folder(model, revision, trust_remote_code)
+        self.trust_remote_code = trust_remote_code
+        self.config = load_config(self.model, trust_remote_code)
         check_supported(self.config)
         self.stage_plan = plan_stages(
             self.model, stages, dtype=dtype, max_memory=max_memory, workload=workload, device=device,
-            offload=offload, offload_folder=offload_folder,
+            offload=offload, offload_folder=offload_folder, trust_remote_code=trust_remote_code,
         )  # fmt: skip
         spec = WorkerSpec(
             model=str(self.model),
@@ -141,6 +150,7 @@ class Pipeline:
             offloaded=tuple(stage.offloaded for stage in self.stage_plan.stages),
             offload=offload is not False,
             offload_folder=None if offload_folder is None else str(offload_folder),
+            trust_remote_code=trust_remote_code,
         )
         self._workers = Workers(spec, master_addr)
         self._workers.wait_ready()
@@ -191,7 +201,7 @@ class Pipeline:
     def tokenizer(self):
         """The model folder's tokenizer, loaded on first use."""
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model, trust_remote_code=self.trust_remote_code)
         return self._tokenizer
 
     def close(self) -> None:
@@ -222,7 +232,7 @@ def generate(
 
 _PIPELINE_OPTIONS = (
     "dtype", "max_memory", "workload", "device", "threads_per_stage", "timeout_s", "master_addr", "offload",
-    "offload_folder",
+    "offload_folder", "revision", "trust_remote_code",
 )  # fmt: skip
 
 
@@ -306,15 +316,17 @@ def generate_as_rank(
     max_new_tokens: int,
     dtype: torch.dtype | str | None = None,
     max_memory: RankBudgets | None = None,
+    trust_remote_code: bool = False,
 ) -> RankOutput | None:
     """Join the torchrun job the environment describes as one of its ``stages`` ranks and continue the prompts.
 
     Every rank passes the same left-padded prompts; the ranks plan their stages together from
     the memory each has free (``max_memory`` overrides ranks' budgets). Rank 0 gets the new
-    tokens back, the other ranks None.
+    tokens back, the other ranks None. ``trust_remote_code`` lets them run the code the model ships.
     """
+    config = load_config(model, trust_remote_code)
     request = build_request(
-        input_ids, attention_mask, model=Path(model), config=load_config(model), max_new_tokens=max_new_tokens,
+        input_ids, attention_mask, model=Path(model), config=config, max_new_tokens=max_new_tokens,
         micro_batches=stages, sampling=Sampling(),
     )  # fmt: skip
     spec = WorkerSpec(
@@ -325,6 +337,7 @@ def generate_as_rank(
         timeout_s=DEFAULT_TIMEOUT_S,
         device="cuda" if torch.cuda.is_available() else "cpu",
         budgets=tuple(parse_rank_budgets(max_memory, stages).items()),
+        trust_remote_code=trust_remote_code,
     )
     rank = join(spec)
     try:

@@ -131,12 +131,14 @@ def build_stage(
     dtype: torch.dtype | None = None,
     offloaded: Mapping[str, str] | None = None,
     offload_folder: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
 ) -> StageModel:
     """Build the stage holding ``blocks`` (profile block names) and load its tensors onto ``device``.
 
     ``dtype`` defaults to the one the config names, as for the profile. ``offloaded`` maps
     blocks the stage keeps off ``device`` to "cpu" or "disk"; disk blocks that need a dtype
-    conversion are written into a folder of devicemap's own inside ``offload_folder``.
+    conversion are written into a folder of devicemap's own inside ``offload_folder``. A model
+    that ships its own modeling code is built from it only with ``trust_remote_code``.
 
     Only the stage's tensors are read from the checkpoint, lazily, so host memory stays
     near the stage's own size.
@@ -154,10 +156,10 @@ def build_stage(
     torch.Size([1, 16])
     """
     checkpoint = open_checkpoint(folder)
-    config = load_config(checkpoint.folder)
+    config = load_config(checkpoint.folder, trust_remote_code)
     check_supported(config)
     load_dtype = dtype or config_dtype(config)
-    model = build_on_meta(config, load_dtype).eval()
+    model = build_on_meta(config, load_dtype, trust_remote_code).eval()
     layout = _layout_of(model, blocks)
     _drop_other_stages(model, layout)
     placed = _stage_blocks(model, layout, device, offloaded or {})

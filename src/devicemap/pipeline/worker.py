@@ -87,7 +87,8 @@ class WorkerSpec:
     the ranks plan them together from the free memory each rank measures and shares,
     replaced by ``budgets`` ((rank, bytes) pairs) where given, each rank offering its free
     host memory and disk for offload when ``offload`` is on. ``device`` is "cpu" (gloo)
-    or "cuda" (NCCL, rank on GPU ``LOCAL_RANK``).
+    or "cuda" (NCCL, rank on GPU ``LOCAL_RANK``). ``trust_remote_code`` lets the ranks run
+    the modeling code the model folder ships.
     """
 
     model: str
@@ -102,6 +103,7 @@ class WorkerSpec:
     offloaded: tuple[tuple[tuple[str, str], ...], ...] = ()
     offload: bool = True
     offload_folder: str | None = None
+    trust_remote_code: bool = False
 
     def offloaded_of(self, rank: int) -> dict[str, str]:
         """Rank ``rank``'s offloaded blocks and their tier, as the launcher planned them."""
@@ -161,7 +163,7 @@ def join(spec: WorkerSpec) -> Rank:
     else:
         blocks, offloaded = stage_plan.blocks_of(rank), dict(stage_plan.stages[rank].offloaded)
     dtype = getattr(torch, spec.dtype) if spec.dtype else None
-    stage = build_stage(spec.model, blocks, device, dtype, offloaded, spec.offload_folder)
+    stage = build_stage(spec.model, blocks, device, dtype, offloaded, spec.offload_folder, spec.trust_remote_code)
     return Rank(rank, world_size, stage, StageLinks(rank, world_size, device, spec.timeout_s), stage_plan)
 
 
@@ -224,7 +226,7 @@ def _plan_together(spec: WorkerSpec, device: torch.device) -> StagePlan:
     if spec.offload:
         # A CPU rank's own memory is its budget already: it offers only its disk.
         offload = [{"disk": disk} if device.type == "cpu" else {"cpu": cpu, "disk": disk} for _, cpu, disk in gathered]
-    profile = profile_of(spec.model, spec.dtype)
+    profile = profile_of(spec.model, spec.dtype, trust_remote_code=spec.trust_remote_code)
     stage_plan = split_stages(profile, budgets, spec.workload, offload, device.type)
     if device.type != "cuda":
         return stage_plan

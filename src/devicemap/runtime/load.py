@@ -11,7 +11,6 @@ import os
 import traceback
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,6 +27,7 @@ from ..planning.planner import make_plan
 from ..storage.checkpoint import Checkpoint, open_checkpoint
 from ..storage.keys import check_keys
 from ..storage.offload import OffloadFiles
+from ..storage.reference import model_folder
 from ..storage.sources import SourceMap, map_sources
 from ..workload import Workload, dtype_name
 from .dispatch import DEFAULT_PREFETCH_DEPTH, attach, check_prefetch_depth
@@ -68,8 +68,13 @@ def load(
     prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
     disk_resident_bytes: int | None = None,
     quantization_config: QuantizationConfigMixin | None = None,
+    revision: str | None = None,
 ) -> PreTrainedModel:
-    """Load the model folder ``model`` across devices as ``device_map`` says, ready for ``generate``.
+    """Load the model folder or Hub id ``model`` across devices as ``device_map`` says, ready for ``generate``.
+
+    A Hub id ``ORG/NAME`` is fetched at ``revision`` into the Hugging Face cache first (its
+    safetensors weights, config and tokenizer files, and its code with ``trust_remote_code``;
+    ``HF_HOME``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` apply) and loaded from there.
 
     ``device_map`` is "auto", "balanced", "balanced_low_0", "sequential", a dict of
     module-name prefixes to devices, one device, or a ``Plan``; ``max_memory`` sets
@@ -92,7 +97,7 @@ def load(
     torch.Size([1, 3, 16])
     """
     check_prefetch_depth(prefetch_depth)
-    checkpoint = open_checkpoint(Path(model), allow_pickle=allow_pickle)
+    checkpoint = open_checkpoint(model_folder(model, revision, trust_remote_code), allow_pickle=allow_pickle)
     config = load_config(checkpoint.folder, trust_remote_code)
     load_dtype = _load_dtype(dtype, config, checkpoint)
     refuse_unloadable(config)

@@ -3,7 +3,9 @@
 Everything goes through huggingface_hub and its cache, so ``HF_HOME``, ``HF_HUB_CACHE``,
 ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` mean what they mean there. A plan
 reads config.json and each shard's header (range requests of about 100 kB), never the
-weights: a 400B model plans in seconds. devicemap keeps no cache of its own here.
+weights: a 400B model plans in seconds. devicemap keeps no cache of its own here and writes
+nothing into huggingface_hub's: a download that fails leaves only what huggingface_hub itself
+keeps (``.incomplete`` blobs it resumes from next time).
 """
 
 import re
@@ -16,6 +18,7 @@ from huggingface_hub import HfApi, constants, hf_hub_download, is_offline_mode, 
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    IncompleteSnapshotError,
     LocalEntryNotFoundError,
     NotASafetensorsRepoError,
     RemoteEntryNotFoundError,
@@ -32,6 +35,8 @@ from .safetensors_file import TensorInfo, torch_dtype_and_shape
 _HUB_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # What loading needs: weights as safetensors, and the config and tokenizer files beside them.
 LOAD_PATTERNS = ("*.safetensors", "*.json", "*.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja")
+# The modeling code a model ships (config.json's auto_map), fetched only to be run: trust_remote_code.
+CODE_PATTERNS = ("*.py",)
 
 
 def is_hub_id(reference: str) -> bool:
@@ -73,14 +78,17 @@ def hub_tensors(repo_id: str, revision: str | None, snapshot: Path) -> Mapping[s
     }
 
 
-def fetch_model(repo_id: str, revision: str | None = None) -> Path:
+def fetch_model(repo_id: str, revision: str | None = None, patterns: tuple[str, ...] = LOAD_PATTERNS) -> Path:
     """Download what loading the model needs into the Hugging Face cache and return its snapshot folder.
 
-    Only safetensors weights and the config and tokenizer files are fetched (``LOAD_PATTERNS``);
-    files already in the cache are not fetched again.
+    Only the files ``patterns`` match are fetched (safetensors weights, config and tokenizer
+    files: ``LOAD_PATTERNS``); files already in the cache are not fetched again.
     """
     with _hub_errors(repo_id, revision):
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(LOAD_PATTERNS)))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns)))
+    if not any(folder.glob("*.safetensors")):
+        raise _without_weights(repo_id, revision, folder)
+    return folder
 
 
 def _layout(repo_id: str, file: str, name: str, dtype_name: str, shape: list[int]):
@@ -115,6 +123,8 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
             f"model {repo_id} on {at} has no config.json at revision {revision or 'main'}; it is not a "
             "transformers model"
         ) from None
+    except IncompleteSnapshotError as error:
+        raise DeviceMapError(_partly_cached(repo_id, error.snapshot_path, at)) from None
     except (LocalEntryNotFoundError, httpx2.TransportError):
         raise DeviceMapError(_unreachable(repo_id, revision, at)) from None
     except HfHubHTTPError as error:
@@ -133,4 +143,27 @@ def _unreachable(repo_id: str, revision: str | None, at: str) -> str:
     return (
         f"cannot reach {at} for {wanted}, and it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
         "check the network (and HF_ENDPOINT), or fetch the model where the Hub can be reached"
+    )
+
+
+def _partly_cached(repo_id: str, snapshot: str, at: str) -> str:
+    blocked = "HF_HUB_OFFLINE forbids fetching the rest" if is_offline_mode() else f"{at} cannot be reached"
+    return (
+        f"model {repo_id} is only partly in the Hugging Face cache ({snapshot}), and {blocked}; fetch it again "
+        "where the Hub can be reached"
+    )
+
+
+def _without_weights(repo_id: str, revision: str | None, snapshot: Path) -> DeviceMapError:
+    """A snapshot with no safetensors: offline, one a plan cached (config.json only); online, a repo without them."""
+    if is_offline_mode():
+        return DeviceMapError(
+            f"model {repo_id} is in the Hugging Face cache ({snapshot}) without its weights, as a plan leaves it, "
+            "and HF_HUB_OFFLINE forbids fetching them; load it once with HF_HUB_OFFLINE unset"
+        )
+    return CheckpointError(
+        f"model {repo_id} on the Hub at {constants.ENDPOINT} has no safetensors weights at revision "
+        f"{revision or 'main'}; devicemap fetches only safetensors, as reading a pickle checkpoint can run code: "
+        "pick a revision or repository with *.safetensors, or download it yourself and load the folder with "
+        "allow_pickle=True"
     )

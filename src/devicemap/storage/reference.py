@@ -18,7 +18,7 @@ from ..errors import DeviceMapError
 from ..model.skeleton import load_config
 from ..model.stored import StoredLayout, StoredTensor
 from .checkpoint import folder_tensors
-from .hub import fetch_model, hub_config, hub_tensors, is_hub_id
+from .hub import CODE_PATTERNS, LOAD_PATTERNS, fetch_model, hub_config, hub_tensors, is_hub_id
 from .safetensors_file import TensorInfo
 from .sources import map_sources
 
@@ -58,15 +58,18 @@ def resolve_model(model: ModelReference, revision: str | None = None, trust_remo
     return ResolvedModel(folder.name, config, folder_tensors(path) if path.is_dir() else None)
 
 
-def model_folder(model: str | os.PathLike, revision: str | None = None) -> Path:
+def model_folder(model: str | os.PathLike, revision: str | None = None, trust_remote_code: bool = False) -> Path:
     """The local folder to load ``model`` from: a folder as it is, a Hub id fetched into the Hugging Face cache.
+
+    A Hub id's weights, config and tokenizer files are fetched at ``revision``, and its
+    modeling code too when it is to run (``trust_remote_code``).
 
     >>> model_folder("/")
     PosixPath('/')
     """
     path = Path(model)
     if not path.exists() and is_hub_id(str(model)):
-        return fetch_model(str(model), revision)
+        return fetch_model(str(model), revision, LOAD_PATTERNS + (CODE_PATTERNS if trust_remote_code else ()))
     _refuse_revision(revision, f"local path {str(path)!r}")
     return path
 

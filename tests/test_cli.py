@@ -253,6 +253,19 @@ def test_a_prompt_from_a_file(demo_model, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)[0]["prompt"] == "What is machine learning?"
 
 
+def test_options_may_come_between_the_model_and_the_prompts(demo_model, capsys):
+    code = main(["generate", str(demo_model), "--json", "--max-new-tokens", "2", "What is machine learning?",
+                 "Name a colour."])
+    assert code == 0
+    assert [g["prompt"] for g in json.loads(capsys.readouterr().out)] == ["What is machine learning?", "Name a colour."]
+
+
+def test_an_unknown_option_after_the_prompt_exits_2_naming_it(demo_model, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(demo_model), "Hello", "--max-new-tokenz", "2"])
+    assert exit_info.value.code == 2 and "--max-new-tokenz" in capsys.readouterr().err
+
+
 def test_the_plan_table_names_the_blocks_each_device_holds_and_counts_them_as_the_reasons_do(demo_model, capsys):
     code = main(["plan", str(demo_model), "--max-memory", "cpu=150MB", "--max-tokens", "64"])
     out = capsys.readouterr().out

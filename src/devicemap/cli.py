@@ -43,7 +43,14 @@ _QUANTIZE = {"4bit": {"load_in_4bit": True}, "8bit": {"load_in_8bit": True}}
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives a subcommand's positionals only the words before its first option, so
+    # "generate MODEL --revision R PROMPT" leaves PROMPT over: it belongs to the words.
+    if extra and (not hasattr(args, "words") or any(word.startswith("-") and word != "-" for word in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.words += extra
     console = _console()
     try:
         return args.run(args)

@@ -141,6 +141,27 @@ def test_a_pre_quantized_folder_with_half_its_layers_on_disk_generates_transform
     assert list(tmp_path.iterdir()) == [], "the checkpoint holds the packed bytes as they compute: nothing is written"
 
 
+def test_a_pre_quantized_folder_is_planned_and_checked_without_bitsandbytes(pre_quantized, tmp_path):
+    folder = pre_quantized("4bit-nf4-double")
+    contradicting = _copy_changed(
+        folder, tmp_path / "fp4-declared", lambda config: config["quantization_config"].update(bnb_4bit_quant_type="fp4")
+    )
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["bitsandbytes"] = None
+        import devicemap
+        print(sum(block.weight_bytes for block in devicemap.plan(sys.argv[1], "cpu").profile.blocks))
+        devicemap.plan(sys.argv[2], "cpu")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(folder), str(contradicting)], check=False, capture_output=True, text=True
+    )
+    assert int(result.stdout) == sum(block.weight_bytes for block in devicemap.plan(folder, "cpu").profile.blocks)
+    assert "CheckpointError: config.json declares bitsandbytes 4-bit fp4 with double quantization" in result.stderr
+
+
 def test_the_command_line_generates_from_a_pre_quantized_folder_as_transformers_does(demo_model, tmp_path, capsys):
     tokenizer = AutoTokenizer.from_pretrained(demo_model)
     config = LlamaConfig(

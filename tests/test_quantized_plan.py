@@ -109,6 +109,21 @@ def test_a_pre_quantized_awq_folder_is_planned_from_its_headers_without_the_awq_
     assert blocks[1].weight_bytes < dense[1].weight_bytes / 3
 
 
+@pytest.mark.parametrize("name", list(BNB_CONFIGS))
+def test_a_pre_quantized_bitsandbytes_folder_is_planned_at_its_header_bytes_and_loaded_by_that_plan(
+    llama_bf16, tmp_path, name
+):
+    quantized = AutoModelForCausalLM.from_pretrained(
+        llama_bf16, quantization_config=BNB_CONFIGS[name], device_map="cpu", dtype=torch.bfloat16
+    )
+    quantized.save_pretrained(folder := tmp_path / name)
+    blocks = devicemap.plan(folder, "cpu", max_memory=CPU).profile.blocks
+    expected = header_bytes_by_block(folder, [block.name for block in blocks])
+    assert {block.name: block.weight_bytes for block in blocks} == expected
+    loaded = devicemap.load(folder, device_map="cpu").devicemap_plan.profile.blocks
+    assert {block.name: block.weight_bytes for block in loaded} == expected
+
+
 def test_unquantized_tensors_of_a_pre_quantized_folder_load_at_the_dtype_asked(tmp_path):
     folder = write_awq_folder(tmp_path / "llama-awq")
     as_stored = {block.name: block.weight_bytes for block in devicemap.plan(folder, "cpu", max_memory=CPU).profile.blocks}

@@ -17,8 +17,10 @@ from contextlib import contextmanager
 import torch
 import transformers
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import BitsAndBytesConfig, PretrainedConfig
+from transformers.pytorch_utils import Conv1D
 from transformers.quantizers import AutoHfQuantizer
+from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import DeviceMapError
@@ -92,6 +94,62 @@ def quantized_tensor_bytes(tensor: torch.Tensor) -> int | None:
     if isinstance(tensor, bitsandbytes.nn.Int8Params):
         return tensor.numel() + _FLOAT32_BYTES * tensor.shape[0]
     return None
+
+
+def bitsandbytes_config(quantization: dict | QuantizationConfigMixin) -> BitsAndBytesConfig:
+    """``quantization`` (a config.json's dict or a config object) as transformers reads bitsandbytes settings.
+
+    >>> bitsandbytes_config({"quant_method": "bitsandbytes", "load_in_8bit": True}).load_in_8bit
+    True
+    """
+    return _quantizer(quantization, pre_quantized=True).quantization_config
+
+
+def bitsandbytes_weights(model: nn.Module, quantization: dict | QuantizationConfigMixin) -> tuple[str, ...]:
+    """The weights transformers' bitsandbytes quantizer packs in ``model``; none for another method.
+
+    Those of the linear layers it does not skip (the head, tied and fp32-kept modules, and
+    ``llm_int8_skip_modules``), found as ``replace_with_bnb_linear`` finds them; ``model`` is
+    dense on the meta device or already quantized there, and bitsandbytes need not be installed.
+
+    >>> from devicemap.model.skeleton import build_on_meta
+    >>> config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=16,
+    ...                                   num_attention_heads=2, vocab_size=16)
+    >>> eight_bit = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    >>> bitsandbytes_weights(build_on_meta(config, torch.float32), eight_bit)[:2]
+    ('model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.k_proj.weight')
+    """
+    if quantization_method(quantization) != "bitsandbytes":
+        return ()
+    quantizer = _quantizer(quantization, pre_quantized=True)
+    skipped = quantizer.get_modules_to_not_convert(
+        model, quantizer.quantization_config.llm_int8_skip_modules, getattr(model, "_keep_in_fp32_modules", None)
+    )
+    return tuple(
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if _converts(module) and should_convert_module(name, skipped)
+    )
+
+
+def quantization_state_names(weight: str, quantization: dict | QuantizationConfigMixin) -> tuple[str, ...]:
+    """The names a pre-quantized checkpoint may keep ``weight``'s quantization state under, as transformers saves it.
+
+    >>> quantization_state_names("fc.weight", {"quant_method": "bitsandbytes", "load_in_8bit": True})
+    ('fc.SCB', 'fc.weight_format')
+    """
+    module, _, parameter = weight.rpartition(".")
+    names = _quantizer(quantization, pre_quantized=True).serialized_names.get(parameter, ())
+    return tuple(".".join(part for part in (module, name) if part) for name in names if name != parameter)
+
+
+def _converts(module: nn.Module) -> bool:
+    """A module bitsandbytes' conversion replaces, or one it already has: only exact linear layers are replaced."""
+    return (
+        type(module) is nn.Linear
+        or isinstance(module, Conv1D)
+        or quantized_tensor_bytes(getattr(module, "weight", None)) is not None
+    )
 
 
 def _four_bit_bytes(parameter) -> int:

@@ -12,10 +12,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..devices import DeviceLike, planning_budgets
 from ..errors import DeviceMapError
 from ..model.profile import Profile, profile_config, profile_module
+from ..model.quantized import quantize_on_meta
 from ..model.skeleton import build_on_meta, load_dtype_of
+from ..model.stored import require_dense_to_quantize
 from ..planning.plan import Plan
 from ..planning.planner import make_plan
-from ..storage.reference import checkpoint_layout, resolve_model
+from ..storage.reference import ResolvedModel, checkpoint_layout, resolve_model
 from ..workload import Workload
 
 ModelLike = str | os.PathLike | PretrainedConfig | nn.Module | Profile
@@ -77,13 +79,25 @@ def profile_of(
         _refuse_options_for(model, quantization_config, revision)
         return model if isinstance(model, Profile) else profile_module(model, dtype)
     resolved = resolve_model(model, revision, trust_remote_code)
-    if resolved.tensors is None or quantization_config is not None:
+    if resolved.tensors is None:
         profile = profile_config(resolved.config, dtype, trust_remote_code, quantization=quantization_config)
     else:
-        load_dtype = load_dtype_of(resolved.config, dtype)
-        skeleton = build_on_meta(resolved.config, load_dtype, trust_remote_code)
-        profile = profile_module(skeleton, load_dtype, stored=checkpoint_layout(skeleton, resolved.tensors))
+        profile = _profile_stored(resolved, dtype, quantization_config, trust_remote_code)
     return profile if resolved.name is None else replace(profile, name=resolved.name)
+
+
+def _profile_stored(resolved: ResolvedModel, dtype, quantization_config, trust_remote_code: bool) -> Profile:
+    """Sized from the safetensors headers; quantized while loading, the quantizer's layout sizes what it packs.
+
+    A checkpoint already quantized is sized as stored, with no quantization library.
+    """
+    load_dtype = load_dtype_of(resolved.config, dtype)
+    skeleton = build_on_meta(resolved.config, load_dtype, trust_remote_code)
+    stored = checkpoint_layout(skeleton, resolved.tensors)
+    require_dense_to_quantize(skeleton, stored, quantization_config)
+    if quantization_config is not None:
+        skeleton = quantize_on_meta(skeleton, quantization_config, load_dtype)
+    return profile_module(skeleton, load_dtype, stored=stored)
 
 
 def _refuse_options_for(model: nn.Module | Profile, quantization_config, revision) -> None:

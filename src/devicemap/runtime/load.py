@@ -22,17 +22,18 @@ from ..errors import CheckpointError
 from ..model.profile import profile_module
 from ..model.quantized import quantize_on_meta
 from ..model.skeleton import build_on_meta, config_dtype, load_config
+from ..model.stored import require_dense_to_quantize
 from ..planning.plan import Plan
 from ..planning.planner import make_plan
 from ..storage.checkpoint import Checkpoint, open_checkpoint
 from ..storage.keys import check_keys
 from ..storage.offload import OffloadFiles
-from ..storage.reference import model_folder
+from ..storage.reference import checkpoint_layout, model_folder
 from ..storage.sources import SourceMap, map_sources
 from ..workload import Workload, dtype_name
 from .dispatch import DEFAULT_PREFETCH_DEPTH, attach, check_prefetch_depth
 from .materialize import CheckpointTensors, PlacedBlock, blocks_of, materialize
-from .quantize import quantize_blocks, refuse_unloadable, without_quantized
+from .quantize import quantize_blocks, refuse_unloadable, shapes_as_read, without_quantized
 
 
 def _frees_on_failure(function):
@@ -84,7 +85,8 @@ def load(
     bar (``None``: when stderr is a terminal). The model gets ``hf_device_map`` and
     ``devicemap_plan``; ``prefetch_depth`` and ``disk_resident_bytes`` are as for ``dispatch``.
     ``quantization_config`` (transformers' ``BitsAndBytesConfig``) quantizes the weights while
-    loading, 4-bit or 8-bit; blocks on disk then hold the packed bytes.
+    loading, 4-bit or 8-bit; blocks on disk then hold the packed bytes. A folder saved quantized
+    by bitsandbytes loads as it is stored, without ``quantization_config``.
 
     >>> import tempfile
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -101,10 +103,15 @@ def load(
     config = load_config(checkpoint.folder, trust_remote_code)
     load_dtype = _load_dtype(dtype, config, checkpoint)
     refuse_unloadable(config)
-    built = quantize_on_meta(build_on_meta(config, load_dtype, trust_remote_code), quantization_config, load_dtype)
+    skeleton = build_on_meta(config, load_dtype, trust_remote_code)
+    stored = checkpoint_layout(skeleton, checkpoint.tensors)
+    require_dense_to_quantize(skeleton, stored, quantization_config)
+    built = quantize_on_meta(skeleton, quantization_config, load_dtype)
+    # Profiled before the keys are compared: it checks a declared quantization against the stored tensors.
+    profile = profile_module(built, load_dtype, stored=stored)
     sources = map_sources(built, checkpoint.shapes)
-    check_keys(sources.found_shapes, built, source=str(checkpoint.folder))
-    plan = _plan(built, device_map, load_dtype, max_memory, workload, offload, offload_folder)
+    check_keys(shapes_as_read(sources.found_shapes, built), built, source=str(checkpoint.folder))
+    plan = _plan(profile, device_map, max_memory, workload, offload, offload_folder)
     blocks = blocks_of(built, plan)
     _require_placed(blocks, sources)
     tensors = CheckpointTensors(checkpoint, sources, built, load_dtype)
@@ -140,12 +147,12 @@ def _load_dtype(dtype, config, checkpoint: Checkpoint) -> torch.dtype:
     return floating[0] if floating else torch.float32
 
 
-def _plan(model, device_map, dtype, max_memory, workload, offload, offload_folder) -> Plan:
+def _plan(profile, device_map, max_memory, workload, offload, offload_folder) -> Plan:
     if isinstance(device_map, Plan):
         check_devices_exist({d for p in device_map.placements for d in (p.device, p.execution_device)})
         return device_map
     budgets = loading_budgets(max_memory, offload_folder)
-    return make_plan(profile_module(model, dtype), budgets, workload, device_map, offload)
+    return make_plan(profile, budgets, workload, device_map, offload)
 
 
 def _require_placed(blocks: list[PlacedBlock], sources: SourceMap) -> None:

@@ -81,15 +81,23 @@ def checkpoint_layout(model: nn.Module, tensors: Mapping[str, TensorInfo]) -> St
     >>> packed = {"weight": TensorInfo("weight", Path("w"), torch.int8, (2, 2)),
     ...           "weight_scale": TensorInfo("weight_scale", Path("w"), torch.float32, (2,))}
     >>> checkpoint_layout(nn.Linear(2, 2), packed).extra
-    {'weight_scale': StoredTensor(dtype=torch.float32, numel=2)}
+    {'weight_scale': StoredTensor(dtype=torch.float32, numel=2, shape=(2,))}
     """
     sources = map_sources(model, {name: info.shape for name, info in tensors.items()}).sources
     held = {
-        target: StoredTensor(tensors[source.keys[0]].dtype, sum(math.prod(tensors[key].shape) for key in source.keys))
+        target: StoredTensor(
+            tensors[source.keys[0]].dtype,
+            sum(math.prod(tensors[key].shape) for key in source.keys),
+            tuple(tensors[source.keys[0]].shape) if source.direct else None,
+        )
         for target, source in sources.items()
     }
     used = {key for source in sources.values() for key in source.keys}
-    extra = {name: StoredTensor(info.dtype, math.prod(info.shape)) for name, info in tensors.items() if name not in used}
+    extra = {
+        name: StoredTensor(info.dtype, math.prod(info.shape), tuple(info.shape))
+        for name, info in tensors.items()
+        if name not in used
+    }
     return StoredLayout(held, extra)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..devices import DeviceLike, check_devices_exist, loading_budgets
+from ..devices import DeviceLike, check_devices_exist, loading_budgets, runtime_reserves
 from ..errors import CheckpointError
 from ..model.profile import profile_module
 from ..model.quantized import quantize_on_meta
@@ -140,7 +140,7 @@ def _plan(model, device_map, dtype, max_memory, workload, offload, offload_folde
         check_devices_exist({d for p in device_map.placements for d in (p.device, p.execution_device)})
         return device_map
     budgets = loading_budgets(max_memory, offload_folder)
-    return make_plan(profile_module(model, dtype), budgets, workload, device_map, offload)
+    return make_plan(profile_module(model, dtype), budgets, workload, device_map, offload, runtime_reserves(budgets))
 
 
 def _require_placed(blocks: list[PlacedBlock], sources: SourceMap) -> None:

@@ -6,8 +6,10 @@ For each model × machine × workload, every devicemap strategy and transformers
 strategies (on the same meta model, in the same run) are judged by one accounting: the
 batch × tokens of KV cache that fit before the first computing device runs out, divided by
 the best contiguous split's (found independently in ``plan_reference``), and how many
-blocks each spills to CPU or disk. Also times full plans of the largest models, meta
-skeleton included. Prints a table and writes ``benchmarks/results/plan_quality.json``.
+blocks each spills to CPU or disk. Every GPU that computes keeps the runtime reserve
+(``devices.CUDA_RUNTIME_RESERVE_BYTES``) in all three: it is memory any process holds there.
+Also times full plans of the largest models, meta skeleton included. Prints a table and
+writes ``benchmarks/results/plan_quality.json``.
 """
 
 import argparse
@@ -26,6 +28,7 @@ from transformers import PretrainedConfig
 
 from benchmarks.plan_reference import Optimum, best_split, placements_of, transformers_device_map
 from benchmarks.published_configs import PUBLISHED
+from devicemap.devices import CUDA_RUNTIME_RESERVE_BYTES
 from devicemap.errors import DoesNotFitError
 from devicemap.model.profile import Profile, profile_config
 from devicemap.model.skeleton import build_on_meta
@@ -84,6 +87,11 @@ def budgets_of(machine: str) -> dict[str, int]:
     return {**{f"cuda:{i}": size * GiB for i, size in enumerate(MACHINES[machine])}, **HOST}
 
 
+def reserves_of(budgets: dict[str, int]) -> dict[str, int]:
+    """Every GPU's runtime reserve at its default, whatever this machine's environment sets."""
+    return {device: CUDA_RUNTIME_RESERVE_BYTES for device in budgets if device.startswith("cuda:")}
+
+
 @cache
 def model_of(name: str) -> tuple[Profile, torch.nn.Module]:
     config: PretrainedConfig = MODELS[name]()
@@ -95,7 +103,7 @@ def measure_row(model: str, machine: str, workload: Workload) -> Row:
     budgets = budgets_of(machine)
     resolved = workload.resolve(profile.max_context, profile.dtype)
     tokens = resolved.batch_size * resolved.max_tokens
-    optimum = best_split(price_units(profile, resolved), budgets, tokens)
+    optimum = best_split(price_units(profile, resolved), budgets, tokens, reserves_of(budgets))
     ours = {s: score_devicemap(profile, budgets, resolved, s, optimum) for s in STRATEGIES}
     theirs = {
         s: score_transformers(profile, meta_model, budgets, resolved, s, optimum) for s in TRANSFORMERS_STRATEGIES
@@ -107,7 +115,7 @@ def measure_row(model: str, machine: str, workload: Workload) -> Row:
 
 def score_devicemap(profile, budgets, workload, strategy, optimum: Optimum) -> Score:
     try:
-        plan = make_plan(profile, budgets, workload, strategy)
+        plan = make_plan(profile, budgets, workload, strategy, runtime_reserves=reserves_of(budgets))
     except DoesNotFitError:
         return Score(None, 0)
     return score_plan(plan, optimum)
@@ -116,7 +124,8 @@ def score_devicemap(profile, budgets, workload, strategy, optimum: Optimum) -> S
 def score_transformers(profile, meta_model, budgets, workload, strategy, optimum: Optimum) -> Score:
     """transformers' map for the strategy, judged by devicemap's ledger for the same workload."""
     placements, split = placements_of(profile, transformers_device_map(meta_model, strategy, budgets))
-    plan = Plan(profile, workload, tuple(budgets.items()), f"transformers {strategy}", placements)
+    reserves = tuple(reserves_of(budgets).items())
+    plan = Plan(profile, workload, tuple(budgets.items()), f"transformers {strategy}", placements, (), reserves)
     return score_plan(plan, optimum, split)
 
 
@@ -135,7 +144,8 @@ def time_large_plans() -> dict[str, float]:
     seconds = {}
     for name, config in TIMED_MODELS.items():
         start = time.perf_counter()
-        make_plan(profile_config(config(), torch.bfloat16), budgets, Workload(1, 4096), "auto")
+        profile = profile_config(config(), torch.bfloat16)
+        make_plan(profile, budgets, Workload(1, 4096), "auto", runtime_reserves=reserves_of(budgets))
         seconds[name] = time.perf_counter() - start
     return seconds
 

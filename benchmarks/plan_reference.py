@@ -58,18 +58,20 @@ class _Run:
         return math.inf if self.kv_bytes_per_token == 0 else (budget_bytes - fixed) / self.kv_bytes_per_token
 
 
-def best_split(units: list[Unit], budgets: dict[str, int], tokens: int) -> Optimum:
+def best_split(units: list[Unit], budgets: dict[str, int], tokens: int, runtime_reserves: dict[str, int]) -> Optimum:
     """The split keeping the most leading units on the accelerators, then the most KV room.
 
     Units past the resident run are kept on CPU or disk and computed on the last accelerator.
+    An accelerator that computes keeps its runtime reserve out of its budget; an idle one needs none.
     """
     gpus = [device for device in budgets if is_accelerator(device)]
+    usable = {gpu: budgets[gpu] - runtime_reserves.get(gpu, 0) for gpu in gpus}
     offload_bytes = sum(size for device, size in budgets.items() if not is_accelerator(device))
     for resident in range(len(units), -1, -1):
         offloaded = tuple(units[resident:])
         if sum(u.weight_bytes for u in offloaded) > offload_bytes:
             break
-        capacity = _best_capacity(units[:resident], offloaded, gpus, budgets, tokens)
+        capacity = _best_capacity(units[:resident], offloaded, gpus, usable, tokens)
         if capacity >= tokens:
             return Optimum(resident, capacity)
     return Optimum(-1, 0.0)

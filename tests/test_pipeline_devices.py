@@ -3,16 +3,18 @@
 import pytest
 import torch
 
+from devicemap.devices import CUDA_RUNTIME_RESERVE_BYTES
 from devicemap.errors import PipelineError
 from devicemap.model.profile import Block, Profile
 from devicemap.pipeline.api import Pipeline, check_gpus_for, check_ranks_measurable, plan_stages
 from devicemap.pipeline.launch import _worker_environment
 from devicemap.pipeline.worker import (
-    RANK_CUDA_RESERVE_BYTES,
+    NCCL_BUFFER_BYTES,
     WorkerSpec,
     budget_beside_rank,
     check_gpu_of_rank,
     describe_reserve,
+    rank_cuda_reserve,
 )
 from devicemap.workload import Workload
 
@@ -61,21 +63,28 @@ def _tiny_profile() -> Profile:
 
 
 def test_a_cuda_rank_budget_keeps_the_reserve_for_its_context_cublas_and_nccl_out_of_what_was_measured():
-    assert RANK_CUDA_RESERVE_BYTES == 2**30
-    assert budget_beside_rank(24 * 2**30) == 23 * 2**30
-    assert budget_beside_rank(RANK_CUDA_RESERVE_BYTES // 2) == 0
+    assert rank_cuda_reserve() == 1280 * 2**20
+    assert budget_beside_rank(24 * 2**30) == 24 * 2**30 - 1280 * 2**20
+    assert budget_beside_rank(rank_cuda_reserve() // 2) == 0
+
+
+def test_a_cuda_rank_reserve_is_the_runtime_reserve_of_any_process_plus_nccl_buffers(monkeypatch):
+    assert NCCL_BUFFER_BYTES == 384 * 2**20
+    assert rank_cuda_reserve() == CUDA_RUNTIME_RESERVE_BYTES + NCCL_BUFFER_BYTES
+    monkeypatch.setenv("DEVICEMAP_CUDA_RESERVE", "2GiB")
+    assert rank_cuda_reserve() == 2 * 2**30 + NCCL_BUFFER_BYTES
 
 
 def test_planning_cuda_stages_for_gpus_this_machine_lacks_needs_only_their_budgets():
     plan = plan_stages(_tiny_profile(), 4, max_memory=[2**30] * 4, device="cuda", offload=False)
     assert [stage.rank for stage in plan.stages] == [0, 1, 2, 3]
-    assert "every GPU rank's budget was given and is its stage's alone: leave 1.0 GiB" in str(plan)
+    assert "every GPU rank's budget was given and is its stage's alone: leave 1.2 GiB" in str(plan)
     assert not torch.cuda.is_initialized()
 
 
 def test_the_reason_line_names_the_gpu_ranks_whose_measured_memory_keeps_the_reserve():
     line = describe_reserve([1, 3])
-    assert line.startswith("GPU rank(s) 1, 3 keep 1.0 GiB for what a rank holds beside its stage")
+    assert line.startswith("GPU rank(s) 1, 3 keep 1.2 GiB for what a rank holds beside its stage")
     assert "cuBLAS workspaces, NCCL buffers" in line
 
 

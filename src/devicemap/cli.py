@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -158,6 +159,7 @@ def _device_map_argument(value: str):
 
 
 def _run_plan(args) -> int:
+    from .devices import runtime_reserves
     from .pipeline.api import plan_stages
     from .planning.planner import make_plan
     from .runtime.api import profile_of
@@ -180,13 +182,17 @@ def _run_plan(args) -> int:
         trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     budgets, notes = _planning_budgets(args.max_memory, args.offload_folder)
-    result = make_plan(profile, budgets, workload, _device_map_argument(args.strategy), placement["offload"])
+
+    def plan_with(strategy):
+        return make_plan(profile, budgets, workload, strategy, placement["offload"], runtime_reserves(budgets))
+
+    result = plan_with(_device_map_argument(args.strategy))
     if args.map:
         print(json.dumps(result.device_map, indent=1))
     elif args.json:
         print(json.dumps({"device_map": result.device_map, **json.loads(result.to_json())}, indent=1))
     else:
-        same = [name for name in _STRATEGIES if _places_alike(result, profile, budgets, workload, placement, name)]
+        same = [name for name in _STRATEGIES if _places_alike(result, plan_with, name)]
         notes += [f"{', '.join(same)} give this same plan"] if len(same) > 1 else []
         print("\n".join([str(result), *(f"- {note}" for note in notes)]))
     return 0
@@ -205,12 +211,10 @@ def _planning_budgets(max_memory: str | None, offload_folder: str | None) -> tup
     return {device: size for device, size in budgets.items() if device != "disk"}, [note]
 
 
-def _places_alike(result, profile, budgets: dict[str, int], workload, placement: dict, strategy: str) -> bool:
-    """Whether ``strategy`` places every block as ``result`` does."""
-    from .planning.planner import make_plan
-
+def _places_alike(result, plan_with: Callable, strategy: str) -> bool:
+    """Whether ``strategy`` places every block as ``result`` does, planned by ``plan_with`` as ``result`` was."""
     try:
-        return make_plan(profile, budgets, workload, strategy, placement["offload"]).placements == result.placements
+        return plan_with(strategy).placements == result.placements
     except DeviceMapError:
         return False  # a strategy that does not fit gives no plan to compare
 

@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import psutil
@@ -19,6 +19,25 @@ from .errors import DeviceMapError, DeviceNotFoundError
 from .units import format_size, parse_size, split_assignments
 
 DeviceLike = int | str | torch.device
+
+# What a process computing on a CUDA device holds there beside its tensors, whoever set its
+# budget: a plan keeps it free on every GPU it computes on. Free memory is measured beside one
+# bare CUDA context (``free_gpu_memory``), which stands for this process's own; beyond it:
+# - the kernels the context loads as they first run (lazy module loading, torch's default):
+#   torch's and cuBLAS's, a few hundred MiB on recent GPUs, like the bare context: 512 MiB;
+# - cuBLAS workspaces: 32 MiB per handle and stream on Hopper (torch's CUBLAS_WORKSPACE_CONFIG
+#   default ":4096:8", and CUBLASLT_WORKSPACE_SIZE 32768 KiB), for cuBLAS and cuBLASLt on the
+#   compute stream and the offload copy stream: 4 x 32 MiB = 128 MiB;
+# - the caching allocator's rounding and fragmentation (torch's "CUDA semantics: memory
+#   management"): it rounds requests to 512 B, packs those under 1 MiB into 2 MiB segments,
+#   serves those under 10 MiB from 20 MiB segments and rounds larger segments to 2 MiB; a block
+#   split off a segment leaves a tail only smaller requests can use, and free blocks in different
+#   segments never merge. Prefill and decode allocate activations of different sizes, so such
+#   tails add up: about a dozen 20 MiB segments' worth, 256 MiB.
+# Apple's "mps" keeps none: its budget is Metal's recommended working set less what the driver
+# has allocated, with no CUDA context, cuBLAS or caching allocator in it.
+CUDA_RUNTIME_RESERVE_BYTES = 512 * 2**20 + 4 * 32 * 2**20 + 256 * 2**20  # 896 MiB
+CUDA_RESERVE_ENV = "DEVICEMAP_CUDA_RESERVE"  # sets it, e.g. after changing CUBLAS_WORKSPACE_CONFIG
 
 
 def normalize_device(device: DeviceLike) -> str:
@@ -215,6 +234,36 @@ def check_devices_exist(devices) -> None:
             f"{', '.join(available_devices())}; remove them from max_memory or the device map "
             "(devicemap plan accepts hypothetical devices, loading does not)"
         )
+
+
+def cuda_runtime_reserve() -> int:
+    """Bytes a process holds on each GPU it computes on beside its tensors: ``$DEVICEMAP_CUDA_RESERVE`` or the default.
+
+    >>> cuda_runtime_reserve() == CUDA_RUNTIME_RESERVE_BYTES or CUDA_RESERVE_ENV in os.environ
+    True
+    """
+    configured = os.environ.get(CUDA_RESERVE_ENV, "").strip()
+    if not configured:
+        return CUDA_RUNTIME_RESERVE_BYTES
+    if configured == "0":
+        return 0
+    try:
+        return parse_size(configured)
+    except DeviceMapError:
+        raise DeviceMapError(
+            f"{CUDA_RESERVE_ENV}={configured!r} is not a size; write one with a unit, e.g. 1GiB or 512MiB, "
+            f"0 for none, or unset it for the default {format_size(CUDA_RUNTIME_RESERVE_BYTES)}"
+        ) from None
+
+
+def runtime_reserves(devices: Iterable[str]) -> dict[str, int]:
+    """The runtime reserve of each of ``devices`` that has one: every GPU ("cuda:N"), none elsewhere.
+
+    >>> list(runtime_reserves(["cuda:0", "cuda:1", "cpu", "disk"]))
+    ['cuda:0', 'cuda:1']
+    """
+    reserve = cuda_runtime_reserve()
+    return {device: reserve for device in devices if device.startswith("cuda:")}
 
 
 def describe_budgets(budgets: dict[str, int]) -> str:

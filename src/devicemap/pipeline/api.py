@@ -67,7 +67,7 @@ def plan_stages(
 
     ``max_memory`` gives ranks' budgets ("0=8GiB,1=16GiB", a dict or a list), each its stage's
     alone, for GPUs this machine need not have; ranks it leaves out get this machine's free
-    memory: GPU ``rank``'s less ``RANK_CUDA_RESERVE_BYTES`` for what the rank itself holds
+    memory: GPU ``rank``'s less ``worker.rank_cuda_reserve()`` for what the rank itself holds
     there (a reason line of the plan says so), or an equal share of RAM. Planning needs no
     GPU beyond those it measures; only starting the pipeline needs one GPU per stage.
     When no split fits, ranks offload the tail of their stage (``offload``): to an equal

@@ -28,7 +28,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from ..devices import free_memory
+from ..devices import cuda_runtime_reserve, free_memory
 from ..errors import DeviceMapError, PipelineError
 from ..planning.stages import StagePlan, split_stages
 from ..runtime.api import profile_of
@@ -40,34 +40,40 @@ from .wire import PeerLostError, StageLinks
 
 _PARENT_CHECK_S = 0.5
 
-# What a CUDA rank holds beside its stage, kept out of the free memory measured for it. The
-# measurement already counts one bare CUDA context (``devices.free_gpu_memory``, or the rank's
-# own under torchrun); beyond it a rank holds:
-# - the kernels its context loads as they first run (lazy module loading, torch's default):
-#   torch's, cuBLAS's and NCCL's, a few hundred MiB on recent GPUs, like the bare context: 512 MiB;
-# - cuBLAS workspaces: 32 MiB per handle and stream on Hopper (torch's CUBLAS_WORKSPACE_CONFIG
-#   default ":4096:8", and CUBLASLT_WORKSPACE_SIZE 32768 KiB), for cuBLAS and cuBLASLt on the
-#   compute stream and the offload copy stream: 4 x 32 MiB = 128 MiB;
-# - NCCL's buffers: NCCL_BUFFSIZE, 4 MiB per channel per peer and direction; a stage sends to
-#   one neighbour and receives from the other, and the ranks' all-gather rings them all, on up
-#   to 16 channels each: (2 + 2 + 2) x 16 x 4 MiB = 384 MiB.
-RANK_CUDA_RESERVE_BYTES = 512 * 2**20 + 4 * 32 * 2**20 + 6 * 16 * 4 * 2**20  # 1 GiB
+# NCCL's buffers, which a CUDA rank holds beside the runtime reserve of any process computing on
+# its GPU (``devices.CUDA_RUNTIME_RESERVE_BYTES``: its context's kernels, cuBLAS workspaces, the
+# allocator's rounding): NCCL_BUFFSIZE, 4 MiB per channel per peer and direction; a stage sends
+# to one neighbour and receives from the other, and the ranks' all-gather rings them all, on up
+# to 16 channels each: (2 + 2 + 2) x 16 x 4 MiB = 384 MiB.
+NCCL_BUFFER_BYTES = 6 * 16 * 4 * 2**20
+
+
+def rank_cuda_reserve() -> int:
+    """What a CUDA rank holds on its GPU beside its stage: the runtime reserve and NCCL's buffers.
+
+    >>> rank_cuda_reserve() == cuda_runtime_reserve() + NCCL_BUFFER_BYTES
+    True
+    """
+    return cuda_runtime_reserve() + NCCL_BUFFER_BYTES
 
 
 def budget_beside_rank(free_bytes: int) -> int:
-    """What a CUDA rank's stage may use of its GPU's measured free memory: all but RANK_CUDA_RESERVE_BYTES.
+    """What a CUDA rank's stage may use of its GPU's measured free memory: all but :func:`rank_cuda_reserve`.
 
-    >>> budget_beside_rank(9 * 2**30) / 2**30, budget_beside_rank(2**29)
-    (8.0, 0)
+    The measurement already counts one bare CUDA context (``devices.free_gpu_memory``, or the
+    rank's own under torchrun).
+
+    >>> budget_beside_rank(9 * 2**30) == 9 * 2**30 - rank_cuda_reserve(), budget_beside_rank(2**20)
+    (True, 0)
     """
-    return max(0, free_bytes - RANK_CUDA_RESERVE_BYTES)
+    return max(0, free_bytes - rank_cuda_reserve())
 
 
 def describe_reserve(measured_ranks: Sequence[int]) -> str:
     """The stage plan's reason line for the room CUDA ranks keep beside their stage."""
     kept = (
-        f"{format_size(RANK_CUDA_RESERVE_BYTES)} for what a rank holds beside its stage (the kernels its CUDA "
-        "context loads, cuBLAS workspaces, NCCL buffers)"
+        f"{format_size(rank_cuda_reserve())} for what a rank holds beside its stage (the kernels its CUDA "
+        "context loads, the allocator's rounding, cuBLAS workspaces, NCCL buffers)"
     )
     if not measured_ranks:
         return f"every GPU rank's budget was given and is its stage's alone: leave {kept} beside it on each GPU"

@@ -7,6 +7,7 @@ ledger, so that what is planned and what is reported can never disagree.
 from dataclasses import dataclass
 
 from ..model.profile import Block, Profile
+from ..units import format_size
 from ..workload import Workload, dtype_bytes
 
 LOGITS_BYTES_PER_VALUE = 4  # generate keeps the last position's logits in float32
@@ -81,11 +82,18 @@ def _price(members: tuple[Block, ...], profile: Profile, workload: Workload, kv_
 
 
 class DeviceLoad:
-    """Running totals for one device as units are stored on it or executed on it."""
+    """Running totals for one device as units are stored on it or executed on it.
 
-    def __init__(self, budget_bytes: int, tokens: int):
+    ``runtime_reserve_bytes`` is what the process holds there beside its tensors once it
+    computes anything there (see ``devices.CUDA_RUNTIME_RESERVE_BYTES``); a device left idle
+    holds none of it.
+    """
+
+    def __init__(self, budget_bytes: int, tokens: int, runtime_reserve_bytes: int = 0):
         self.budget_bytes = budget_bytes
         self.tokens = tokens
+        self.runtime_reserve_bytes = runtime_reserve_bytes
+        self.computes = False
         self.weight_bytes = 0
         self.buffer_bytes = 0
         self.kv_bytes_per_token = 0.0
@@ -101,6 +109,7 @@ class DeviceLoad:
 
     def execute(self, unit: Unit) -> None:
         """Compute the unit here: its buffers, KV cache and transient activations live here."""
+        self.computes = True
         self.buffer_bytes += unit.buffer_bytes
         self.kv_bytes_per_token += unit.kv_bytes_per_token
         self.fixed_kv_bytes += unit.fixed_kv_bytes
@@ -131,9 +140,21 @@ class DeviceLoad:
     def stream_bytes(self) -> int:
         return sum(self._streams.values())
 
+    @property
+    def runtime_bytes(self) -> int:
+        """The runtime reserve, held once the device computes: a GPU left idle gets no CUDA context."""
+        return self.runtime_reserve_bytes if self.computes else 0
+
+    def runtime_note(self) -> str:
+        """The runtime reserve as the end of a message's breakdown, e.g. ", runtime reserve 896.0 MiB"; "" if none."""
+        return f", runtime reserve {format_size(self.runtime_bytes)}" if self.runtime_bytes else ""
+
     def fixed_bytes(self) -> int:
-        """Everything that does not grow with the number of cached tokens."""
-        return self.weight_bytes + self.buffer_bytes + self.fixed_kv_bytes + self.activation_bytes + self.stream_bytes
+        """Everything that does not grow with the number of cached tokens, the runtime reserve included."""
+        return (
+            self.weight_bytes + self.buffer_bytes + self.fixed_kv_bytes + self.activation_bytes + self.stream_bytes
+            + self.runtime_bytes
+        )  # fmt: skip
 
     def kv_bytes(self) -> int:
         return round(self.kv_bytes_per_token * self.tokens) + self.fixed_kv_bytes

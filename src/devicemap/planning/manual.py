@@ -16,8 +16,9 @@ _LISTED = 8
 
 
 def plan_manual(
-    profile: Profile, budgets: Mapping[str, int], workload: Workload, device_map: Mapping
-) -> tuple[list[Placement], list[str]]:
+    profile: Profile, budgets: Mapping[str, int], runtime_reserves: Mapping[str, int], workload: Workload,
+    device_map: Mapping,
+) -> tuple[list[Placement], list[str]]:  # fmt: skip
     """Placements for a manual map; the longest matching prefix of each tensor's name wins.
 
     Offloaded blocks execute on the accelerator of the block before them (the first
@@ -29,7 +30,7 @@ def plan_manual(
     devices = _block_devices(profile, targets)
     _check_ties(profile, devices)
     placements = _with_execution_devices(profile, devices, targets)
-    _warn_over_budget(profile, budgets, workload, placements)
+    _warn_over_budget(profile, budgets, runtime_reserves, workload, placements)
     return placements, [f"manual map of {len(targets)} entries, as given"]
 
 
@@ -145,9 +146,9 @@ def _with_execution_devices(profile, devices, targets) -> list[Placement]:
     return placements
 
 
-def _warn_over_budget(profile, budgets, workload, placements) -> None:
+def _warn_over_budget(profile, budgets, runtime_reserves, workload, placements) -> None:
     tokens = workload.batch_size * workload.max_tokens
-    loads = {device: DeviceLoad(budget, tokens) for device, budget in budgets.items()}
+    loads = {device: DeviceLoad(budget, tokens, runtime_reserves.get(device, 0)) for device, budget in budgets.items()}
     by_block = {placement.block: placement for placement in placements}
     for unit in price_units(profile, workload):
         placement = by_block[unit.name]
@@ -158,9 +159,9 @@ def _warn_over_budget(profile, budgets, workload, placements) -> None:
                 f"the device map puts {format_size(load.used_bytes())} on {device} (weights "
                 f"{format_size(load.weight_bytes)}, buffers {format_size(load.buffer_bytes)}, KV cache "
                 f"{format_size(load.kv_bytes())}, activations {format_size(load.activation_bytes)}, streaming "
-                f"{format_size(load.stream_bytes)}) but its budget is {format_size(load.budget_bytes)}; "
-                "it may run out of memory for this workload; move blocks to devices with room, or use a "
-                "strategy such as 'auto'",
+                f"{format_size(load.stream_bytes)}{load.runtime_note()}) but its budget is "
+                f"{format_size(load.budget_bytes)}; it may run out of memory for this workload; move blocks to "
+                "devices with room, or use a strategy such as 'auto'",
                 stacklevel=4,
             )
 

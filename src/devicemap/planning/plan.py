@@ -32,7 +32,10 @@ class Placement:
 
 @dataclass(frozen=True)
 class DeviceLedger:
-    """What one device holds under a plan, in bytes, for the plan's workload."""
+    """What one device holds under a plan, in bytes, for the plan's workload.
+
+    ``runtime_bytes`` is the runtime reserve a GPU that computes keeps beside the tensors.
+    """
 
     device: str
     blocks: int
@@ -41,21 +44,27 @@ class DeviceLedger:
     kv_bytes: int
     activation_bytes: int
     stream_bytes: int
+    runtime_bytes: int
     budget_bytes: int
     kv_token_capacity: float
 
     @property
     def used_bytes(self) -> int:
+        """What the plan's tensors take here: what ``torch.cuda.max_memory_allocated`` measures on a GPU."""
         return self.weight_bytes + self.buffer_bytes + self.kv_bytes + self.activation_bytes + self.stream_bytes
 
     @property
     def free_bytes(self) -> int:
-        return self.budget_bytes - self.used_bytes
+        return self.budget_bytes - self.used_bytes - self.runtime_bytes
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A device map with the budgets, workload and reasons that produced it (see ``planner.make_plan``)."""
+    """A device map with the budgets, workload and reasons that produced it (see ``planner.make_plan``).
+
+    ``runtime_reserves`` are the bytes each device keeps, when it computes, for the runtime
+    beside the tensors (a CUDA context's kernels, cuBLAS workspaces, the allocator's rounding).
+    """
 
     profile: Profile
     workload: Workload
@@ -63,6 +72,7 @@ class Plan:
     strategy: str
     placements: tuple[Placement, ...]
     reasons: tuple[str, ...] = ()
+    runtime_reserves: tuple[tuple[str, int], ...] = ()
 
     @cached_property
     def device_map(self) -> dict[str, int | str]:
@@ -75,9 +85,9 @@ class Plan:
     def ledger(self) -> tuple[DeviceLedger, ...]:
         """One row per device with a budget or a block, in device order."""
         tokens = self.workload.batch_size * self.workload.max_tokens
-        budgets = dict(self.budgets)
+        budgets, reserves = dict(self.budgets), dict(self.runtime_reserves)
         devices = sorted({*budgets, *(p.device for p in self.placements)}, key=device_order)
-        loads = {device: DeviceLoad(budgets.get(device, 0), tokens) for device in devices}
+        loads = {device: DeviceLoad(budgets.get(device, 0), tokens, reserves.get(device, 0)) for device in devices}
         placement = {p.block: p for p in self.placements}
         for unit in price_units(self.profile, self.workload):
             assign(loads, unit, placement[unit.name].device, placement[unit.name].execution_device)
@@ -106,12 +116,12 @@ class Plan:
 
     def table(self) -> Table:
         """The per-device ledger as a rich table."""
-        columns = ("device", "blocks", "holds", "weights", "buffers", "KV cache", "activations", "streaming", "budget",
-                   "free")  # fmt: skip
+        columns = ("device", "blocks", "holds", "weights", "buffers", "KV cache", "activations", "streaming", "runtime",
+                   "budget", "free")  # fmt: skip
         rows = [
             (row.device, str(row.blocks), describe_blocks([p.block for p in self.placements if p.device == row.device]),
              *map(format_size, (row.weight_bytes, row.buffer_bytes, row.kv_bytes, row.activation_bytes,
-                                row.stream_bytes, row.budget_bytes, row.free_bytes)))
+                                row.stream_bytes, row.runtime_bytes, row.budget_bytes, row.free_bytes)))
             for row in self.ledger
         ]  # fmt: skip
         title = f"{self.profile.name} · {self.profile.dtype} · {self.strategy}"
@@ -156,6 +166,8 @@ class Plan:
             strategy=data["strategy"],
             placements=tuple(Placement(**p) for p in data["placements"]),
             reasons=tuple(data["reasons"]),
+            # Plans saved before runtime reserves were planned kept none.
+            runtime_reserves=tuple((device, size) for device, size in data.get("runtime_reserves", ())),
         )
 
 
@@ -291,6 +303,7 @@ def _ledger_row(device: str, blocks: int, load: DeviceLoad) -> DeviceLedger:
         kv_bytes=load.kv_bytes(),
         activation_bytes=load.activation_bytes,
         stream_bytes=load.stream_bytes,
+        runtime_bytes=load.runtime_bytes,
         budget_bytes=load.budget_bytes,
         kv_token_capacity=load.token_capacity(),
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from itertools import accumulate
 
-from ..devices import describe_budgets, device_order, is_accelerator, normalize_device
+from ..devices import CUDA_RESERVE_ENV, describe_budgets, device_order, is_accelerator, normalize_device
 from ..errors import DeviceMapError, DoesNotFitError
 from ..model.profile import Profile
 from ..units import format_size
@@ -69,11 +69,14 @@ def make_plan(
     workload: Workload | None = None,
     device_map: str | int | Mapping = "auto",
     offload: bool = True,
+    runtime_reserves: Mapping[str, int] | None = None,
 ) -> Plan:
     """Decide where every block of ``profile`` lives and computes.
 
     ``budgets`` are bytes per canonical device name; ``device_map`` is a strategy, a manual
-    dict of module-name prefixes to devices, or one device.
+    dict of module-name prefixes to devices, or one device. ``runtime_reserves`` are bytes
+    per device that each device computing anything keeps beside its tensors, within its
+    budget (``devices.runtime_reserves`` gives every GPU's).
 
     >>> from devicemap.model.profile import Block, Profile
     >>> profile = Profile("toy", "float32", tuple(Block(f"layers.{i}", 10) for i in range(4)))
@@ -81,19 +84,22 @@ def make_plan(
     {'layers.0': 0, 'layers.1': 0, 'layers.2': 1, 'layers.3': 1}
     """
     budgets = dict(sorted(budgets.items(), key=lambda item: device_order(item[0])))
+    reserves = dict(runtime_reserves or {})
     if workload is None:
-        workload, strategy, (placements, reasons) = _place_longest(profile, budgets, device_map, offload)
+        workload, strategy, (placements, reasons) = _place_longest(profile, budgets, reserves, device_map, offload)
     else:
         workload = workload.resolve(profile.max_context, profile.dtype)
-        strategy, (placements, reasons) = _place(profile, budgets, workload, device_map, offload)
-    plan = Plan(profile, workload, tuple(budgets.items()), strategy, tuple(placements), tuple(reasons))
+        strategy, (placements, reasons) = _place(profile, budgets, reserves, workload, device_map, offload)
+    plan = Plan(
+        profile, workload, tuple(budgets.items()), strategy, tuple(placements), tuple(reasons), tuple(reserves.items())
+    )
     if not offload:
         _refuse_offload(plan)
     return plan
 
 
 def _place_longest(
-    profile: Profile, budgets: dict[str, int], device_map: str | int | Mapping, offload: bool
+    profile: Profile, budgets: dict[str, int], reserves: dict[str, int], device_map: str | int | Mapping, offload: bool
 ) -> tuple[Workload, str, Placed]:
     """With no workload given: one sequence of the default length, or of the most tokens that fit down to the floor.
 
@@ -106,14 +112,14 @@ def _place_longest(
     def place(max_tokens: int) -> tuple[Workload, str, Placed] | None:
         workload = replace(default, max_tokens=max_tokens)
         try:
-            return workload, *_place(profile, budgets, workload, device_map, offload)
+            return workload, *_place(profile, budgets, reserves, workload, device_map, offload)
         except DoesNotFitError:
             return None
 
     floor = min(MIN_DEFAULT_TOKENS, default.max_tokens)
     placed = place(default.max_tokens) or largest_limit(place, floor, default.max_tokens)
     if placed is None:
-        _place(profile, budgets, replace(default, max_tokens=floor), device_map, offload)
+        _place(profile, budgets, reserves, replace(default, max_tokens=floor), device_map, offload)
     workload, strategy, (placements, reasons) = placed
     if workload.max_tokens == default.max_tokens:
         return placed
@@ -125,37 +131,39 @@ def _place_longest(
 
 
 def _place(
-    profile: Profile, budgets: dict[str, int], workload: Workload, device_map: str | int | Mapping, offload: bool
-) -> tuple[str, Placed]:
+    profile: Profile, budgets: dict[str, int], reserves: dict[str, int], workload: Workload,
+    device_map: str | int | Mapping, offload: bool,
+) -> tuple[str, Placed]:  # fmt: skip
     """The strategy's name (a device's, for one device), with its placements and reasons."""
     if isinstance(device_map, Mapping):
-        return "manual", plan_manual(profile, budgets, workload, device_map)
+        return "manual", plan_manual(profile, budgets, reserves, workload, device_map)
     if isinstance(device_map, str) and device_map.strip().lower() in STRATEGIES:
         strategy = device_map.strip().lower()
-        return strategy, _plan_strategy(profile, budgets, workload, strategy, offload)
+        return strategy, _plan_strategy(profile, budgets, reserves, workload, strategy, offload)
     device = _single_device(device_map)
-    return device, _plan_single(profile, budgets, workload, device)
+    return device, _plan_single(profile, budgets, reserves, workload, device)
 
 
 def _plan_strategy(
-    profile: Profile, budgets: dict[str, int], workload: Workload, strategy: str, offload: bool
-) -> Placed:
+    profile: Profile, budgets: dict[str, int], reserves: dict[str, int], workload: Workload, strategy: str,
+    offload: bool,
+) -> Placed:  # fmt: skip
     units = price_units(profile, workload)
     tokens = workload.batch_size * workload.max_tokens
     compute = _compute_devices(budgets)
     tiers = [tier for tier in OFFLOAD_TIERS if tier in budgets and tier not in compute] if offload else []
     if strategy == "balanced_low_0" and len(compute) > 1:
-        low_0 = _plan_low_0(units, compute, budgets, tokens)
+        low_0 = _plan_low_0(units, compute, budgets, reserves, tokens)
         if low_0 is not None:
             return low_0
-    split = split_offload(units, compute, tiers, budgets, tokens)
+    split = split_offload(units, compute, tiers, budgets, tokens, reserves)
     if split is None:
-        raise _does_not_fit(profile, units, budgets, workload, compute, tiers, offload)
+        raise _does_not_fit(profile, units, budgets, reserves, workload, compute, tiers, offload)
     if strategy == "sequential":
-        groups = _pack(split.resident, compute, _loads_with(budgets, tokens, split.offloaded), tokens)
+        groups = _pack(split.resident, compute, _loads_with(budgets, reserves, tokens, split.offloaded), tokens)
         reason = f"sequential: filled {', '.join(compute)} in order, each keeping its reserves"
     else:
-        groups, capacity = _balance(split.resident, compute, budgets, split.offloaded, tokens)
+        groups, capacity = _balance(split.resident, compute, budgets, reserves, split.offloaded, tokens)
         reason = _balanced_reason(strategy, compute, capacity, workload)
     return _placements(groups, compute, split.offloaded), [reason, *split.reasons]
 
@@ -171,16 +179,18 @@ def _compute_devices(budgets: Mapping[str, int]) -> list[str]:
     return accelerators or ["cpu"]
 
 
-def _plan_low_0(units: list[Unit], accelerators: list[str], budgets: dict[str, int], tokens: int) -> Placed | None:
+def _plan_low_0(
+    units: list[Unit], accelerators: list[str], budgets: dict[str, int], reserves: dict[str, int], tokens: int
+) -> Placed | None:
     """GPU 0 takes the shortest leading run that lets the other accelerators hold the rest."""
     first, rest = accelerators[0], accelerators[1:]
-    loads = _loads_with(budgets, tokens, ())
+    loads = _loads_with(budgets, reserves, tokens, ())
     cut = smallest_limit(
         lambda cut: None if _pack(units[cut:], rest, loads, tokens) is None else cut, 0, len(units)
     )
     if cut is None or _pack(units[:cut], [first], loads, tokens) is None:
         return None
-    groups, capacity = _balance(units[cut:], rest, budgets, (), tokens)
+    groups, capacity = _balance(units[cut:], rest, budgets, reserves, (), tokens)
     reasons = [
         f"balanced_low_0: {first} holds {_block_count(units[:cut])} of {_block_count(units)} blocks, the fewest "
         f"that let {', '.join(rest)} hold the rest with the workload's reserves",
@@ -190,20 +200,21 @@ def _plan_low_0(units: list[Unit], accelerators: list[str], budgets: dict[str, i
 
 
 def _balance(
-    units: Sequence[Unit], devices: Sequence[str], budgets: dict[str, int], offloaded: Sequence[Offloaded], tokens: int
-) -> tuple[Groups, float]:
+    units: Sequence[Unit], devices: Sequence[str], budgets: dict[str, int], reserves: dict[str, int],
+    offloaded: Sequence[Offloaded], tokens: int,
+) -> tuple[Groups, float]:  # fmt: skip
     """The contiguous split that lets the most batch×tokens of KV cache fit, and that amount.
 
     With nothing cached per token, the split that leaves the fullest device least full.
     Offloaded units already charged to a device cache per token there too, so they count.
     """
-    loads = _loads_with(budgets, tokens, offloaded)
+    loads = _loads_with(budgets, reserves, tokens, offloaded)
     rate = sum(unit.kv_bytes_per_token for unit in units) + sum(loads(device).kv_bytes_per_token for device in devices)
     if rate == 0:
 
         def within_share(step: int) -> Groups | None:
             shares = {device: budget * (step / _SHARE_STEPS) for device, budget in budgets.items()}
-            return _pack(units, devices, _loads_with(shares, tokens, offloaded), tokens)
+            return _pack(units, devices, _loads_with(shares, reserves, tokens, offloaded), tokens)
 
         return smallest_limit(within_share, 1, _SHARE_STEPS), float("inf")
     high = max(tokens, int(sum(loads(device).budget_bytes for device in devices) / rate) + 1)
@@ -217,8 +228,9 @@ def _capacity(load: DeviceLoad, units: Sequence[Unit]) -> float:
 
 
 def split_offload(
-    units: Sequence[Unit], compute: Sequence[str], tiers: Sequence[str], budgets: Mapping[str, int], tokens: int
-) -> OffloadSplit | None:
+    units: Sequence[Unit], compute: Sequence[str], tiers: Sequence[str], budgets: Mapping[str, int], tokens: int,
+    runtime_reserves: Mapping[str, int],
+) -> OffloadSplit | None:  # fmt: skip
     """Keep the longest leading run on the compute devices; the rest goes to CPU, then disk. None if nothing fits.
 
     Offloaded units execute on the last compute device, which keeps room for their KV
@@ -231,7 +243,7 @@ def split_offload(
     >>> from devicemap.workload import Workload
     >>> toy = Profile("toy", "float32", tuple(Block(f"layers.{i}", 10) for i in range(5)))
     >>> units = price_units(toy, Workload(1, 1, "float32"))
-    >>> split = split_offload(units, ["cuda:0"], ["cpu"], {"cuda:0": 45, "cpu": 100}, 1)
+    >>> split = split_offload(units, ["cuda:0"], ["cpu"], {"cuda:0": 45, "cpu": 100}, 1, {})
     >>> len(split.resident), [(o.unit.name, o.tier, o.execution_device) for o in split.offloaded][0]
     (2, ('layers.2', 'cpu', 'cuda:0'))
     """
@@ -241,7 +253,7 @@ def split_offload(
             if stored is None:
                 continue
             offloaded = execute(stored, compute, budgets)
-            loads = _loads_with(budgets, tokens, offloaded)
+            loads = _loads_with(budgets, runtime_reserves, tokens, offloaded)
             if not all(loads(tier).fits(tokens) for tier in tiers):
                 continue
             if _pack(units[:cut], compute, loads, tokens) is not None:
@@ -316,9 +328,11 @@ class _LoadRun:
         return self.load.take(self.units[index], self.tokens)
 
 
-def _loads_with(budgets: Mapping[str, int], tokens: int, offloaded: Sequence[Offloaded]) -> LoadFactory:
+def _loads_with(
+    budgets: Mapping[str, int], reserves: Mapping[str, int], tokens: int, offloaded: Sequence[Offloaded]
+) -> LoadFactory:
     """Fresh loads per device, already charged for the offloaded units where they are kept and execute."""
-    loads = {name: DeviceLoad(budget, tokens) for name, budget in budgets.items()}
+    loads = {name: DeviceLoad(budget, tokens, reserves.get(name, 0)) for name, budget in budgets.items()}
     for o in offloaded:
         assign(loads, o.unit, o.tier, o.execution_device)
     return lambda device: copy.copy(loads[device])
@@ -345,7 +359,9 @@ def _single_device(device_map: str | int) -> str:
         ) from None
 
 
-def _plan_single(profile: Profile, budgets: dict[str, int], workload: Workload, device: str) -> Placed:
+def _plan_single(
+    profile: Profile, budgets: dict[str, int], reserves: dict[str, int], workload: Workload, device: str
+) -> Placed:
     if device == "disk":
         raise DeviceMapError(
             "device_map='disk' cannot compute anything; use 'cpu' or an accelerator, or 'auto' "
@@ -356,7 +372,7 @@ def _plan_single(profile: Profile, budgets: dict[str, int], workload: Workload, 
             f"device_map={device!r} names a device with no budget; the budgets cover "
             f"{', '.join(budgets)}; add max_memory for {device} or pick one of those"
         )
-    load = DeviceLoad(budgets[device], workload.batch_size * workload.max_tokens)
+    load = DeviceLoad(budgets[device], workload.batch_size * workload.max_tokens, reserves.get(device, 0))
     load.place(*price_units(profile, workload))
     if not load.fits():
         raise DoesNotFitError(
@@ -372,12 +388,13 @@ def _breakdown(load: DeviceLoad) -> str:
     return (
         f"weights {format_size(load.weight_bytes)}, buffers {format_size(load.buffer_bytes)}, "
         f"KV cache {format_size(load.kv_bytes())}, activations {format_size(load.activation_bytes)}"
+        + load.runtime_note()
     )
 
 
 def _does_not_fit(
-    profile: Profile, units: list[Unit], budgets: dict[str, int], workload: Workload, compute: list[str],
-    tiers: list[str], offload: bool,
+    profile: Profile, units: list[Unit], budgets: dict[str, int], reserves: dict[str, int], workload: Workload,
+    compute: list[str], tiers: list[str], offload: bool,
 ) -> DoesNotFitError:  # fmt: skip
     total = DeviceLoad(0, workload.batch_size * workload.max_tokens)
     total.place(*units)
@@ -385,7 +402,7 @@ def _does_not_fit(
     needs = (
         f"{profile.name} needs {format_size(total.used_bytes())} ({_breakdown(total)}) for "
         f"{workload.batch_size} × {workload.max_tokens}-token sequences; the budgets add to "
-        f"{format_size(sum(usable.values()))} ({describe_budgets(usable)})"
+        f"{format_size(sum(usable.values()))} ({describe_budgets(usable)}){_less_runtime(reserves, compute)}"
     )
     smaller = "or use a smaller workload (batch_size or max_tokens) or dtype"
     if tiers:
@@ -394,12 +411,23 @@ def _does_not_fit(
             f"{needs}, but the KV cache and activations stay on {', '.join(compute)}, and {keeps}, so no "
             f"contiguous split fits; add memory on {', '.join(compute)}, {smaller}"
         )
-    shortfall = total.used_bytes() - sum(budgets[device] for device in compute)
+    shortfall = total.used_bytes() - sum(max(0, budgets[device] - reserves.get(device, 0)) for device in compute)
     more = f"at least {format_size(shortfall)} more" if shortfall > 0 else "more"
     advice = f"add {more} on {', '.join(compute)}, or max_memory for cpu or disk to offload weights"
     if not offload:
         advice = f"allow offload (drop offload=False / --no-offload), add {more} on {', '.join(compute)}"
     return DoesNotFitError(f"{needs}, and no contiguous split fits; {advice}, {smaller}")
+
+
+def _less_runtime(reserves: Mapping[str, int], compute: Sequence[str]) -> str:
+    """The runtime reserves the computing devices keep out of their budgets, for a refusal; "" when none."""
+    kept = {device: reserves[device] for device in compute if reserves.get(device)}
+    if not kept:
+        return ""
+    return (
+        f", less the runtime reserve a device keeps when it computes ({describe_budgets(kept)}: the CUDA context's "
+        f"kernels, cuBLAS workspaces, the allocator's rounding; {CUDA_RESERVE_ENV} sets it)"
+    )
 
 
 def _offload_keeps(units: Sequence[Unit], compute: Sequence[str], tiers: Sequence[str]) -> str:

@@ -13,6 +13,10 @@ long as the planner's own rule (``planner.split_offload``) can place it, countin
 offloaded block's decode reads ``OFFLOADED_READ_WEIGHT`` times: a rank with room keeps
 more blocks rather than letting another offload them. Each rank's final placement is
 the planner's ``make_plan`` over a profile of just its stage's blocks.
+
+A rank's budget is its stage's alone: what the rank holds beside its stage (its CUDA
+context's runtime reserve and NCCL's buffers) is kept out of it before it gets here
+(``pipeline.worker.budget_beside_rank``), so stages are priced with no runtime reserve.
 """
 
 from collections.abc import Mapping, Sequence
@@ -135,7 +139,7 @@ class _RankMemory:
     def weighted_reads(self, units: list[Unit], step_bytes: list[int], start: int, stop: int) -> int | None:
         """The decode reads of ``units[start:stop]``, offloaded ones weighted; None if the run cannot be placed."""
         tiers = [tier for tier in OFFLOAD_TIERS if tier in self.budgets and tier != self.compute]
-        split = split_offload(units[start:stop], [self.compute], tiers, dict(self.budgets), self.tokens)
+        split = split_offload(units[start:stop], [self.compute], tiers, dict(self.budgets), self.tokens, {})
         if split is None:
             return None
         middle = start + len(split.resident)

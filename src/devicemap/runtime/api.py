@@ -9,7 +9,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..devices import DeviceLike, planning_budgets
+from ..devices import DeviceLike, planning_budgets, runtime_reserves
 from ..errors import DeviceMapError
 from ..model.profile import Profile, profile_config, profile_module
 from ..model.quantized import quantize_on_meta
@@ -56,7 +56,7 @@ def plan(
         model, dtype, quantization_config=quantization_config, revision=revision, trust_remote_code=trust_remote_code
     )
     budgets = planning_budgets(max_memory, offload_folder)
-    return make_plan(profile, budgets, workload, strategy, offload=offload)
+    return make_plan(profile, budgets, workload, strategy, offload, runtime_reserves(budgets))
 
 
 def profile_of(

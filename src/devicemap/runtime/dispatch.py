@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ..devices import DeviceLike, loading_budgets, normalize_device
+from ..devices import DeviceLike, loading_budgets, normalize_device, runtime_reserves
 from ..errors import DeviceMapError
 from ..model.cache_size import cache_layer_indices
 from ..model.profile import names_per_tensor, profile_module
@@ -69,7 +69,7 @@ def dispatch(
     plan = device_map
     if not isinstance(plan, Plan):
         budgets = with_held_bytes(loading_budgets(), held_bytes(module))
-        plan = make_plan(profile_module(module), budgets, None, device_map)
+        plan = make_plan(profile_module(module), budgets, None, device_map, True, runtime_reserves(budgets))
     blocks = blocks_of(module, plan)
     materialize(blocks, ModuleTensors(), offload_folder=offload_folder, owner=module)
     module.hf_device_map = plan.device_map

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..devices import DeviceLike, check_devices_exist, loading_budgets
+from ..devices import DeviceLike, check_devices_exist, loading_budgets, runtime_reserves
 from ..errors import CheckpointError
 from ..model.profile import profile_module
 from ..model.quantized import quantize_on_meta
@@ -152,7 +152,7 @@ def _plan(profile, device_map, max_memory, workload, offload, offload_folder) ->
         check_devices_exist({d for p in device_map.placements for d in (p.device, p.execution_device)})
         return device_map
     budgets = loading_budgets(max_memory, offload_folder)
-    return make_plan(profile, budgets, workload, device_map, offload)
+    return make_plan(profile, budgets, workload, device_map, offload, runtime_reserves(budgets))
 
 
 def _require_placed(blocks: list[PlacedBlock], sources: SourceMap) -> None:

@@ -6,7 +6,8 @@ For each model × machine × workload, every devicemap strategy and transformers
 strategies (on the same meta model, in the same run) are judged by one accounting: the
 batch × tokens of KV cache that fit before the first computing device runs out, divided by
 the best contiguous split's (found independently in ``plan_reference``), and how many
-blocks each spills to CPU or disk. Also times full plans of the largest models, meta
+blocks each spills to CPU or disk. Beside them, how many sequences of the row's length devicemap
+"auto" fits with the prefill planned whole and in its default chunks. Also times full plans of the largest models, meta
 skeleton included. Prints a table and writes ``benchmarks/results/plan_quality.json``.
 """
 
@@ -15,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -70,6 +71,14 @@ class Score:
 
 
 @dataclass(frozen=True)
+class Fit:
+    """Sequences of the row's length that a plan fits on its computing devices, and blocks it spills."""
+
+    sequences: float | None  # None: no plan
+    spilled_blocks: int
+
+
+@dataclass(frozen=True)
 class Row:
     model: str
     machine: str
@@ -78,6 +87,8 @@ class Row:
     best_kv_tokens: float
     devicemap: dict[str, Score]
     transformers: dict[str, Score]
+    whole_prefill: Fit
+    chunked_prefill: Fit
 
 
 def budgets_of(machine: str) -> dict[str, int]:
@@ -102,7 +113,17 @@ def measure_row(model: str, machine: str, workload: Workload) -> Row:
     }
     fits = optimum.resident_units == len(price_units(profile, resolved))
     label = f"{resolved.batch_size}×{resolved.max_tokens}"
-    return Row(model, machine, label, fits, optimum.kv_token_capacity, ours, theirs)
+    whole, chunked = fit_of(profile, budgets, replace(resolved, prefill_chunk=0)), fit_of(profile, budgets, resolved)
+    return Row(model, machine, label, fits, optimum.kv_token_capacity, ours, theirs, whole, chunked)
+
+
+def fit_of(profile: Profile, budgets: dict[str, int], workload: Workload) -> Fit:
+    """What devicemap "auto" fits for the workload."""
+    try:
+        plan = make_plan(profile, budgets, workload, "auto")
+    except DoesNotFitError:
+        return Fit(None, 0)
+    return Fit(plan.sequences_that_fit, len(plan.offloaded()))
 
 
 def score_devicemap(profile, budgets, workload, strategy, optimum: Optimum) -> Score:
@@ -151,6 +172,12 @@ def cell(score: Score) -> str:
     return text
 
 
+def fit_cell(fit: Fit) -> str:
+    if fit.sequences is None:
+        return "no fit"
+    return f"{fit.sequences:.1f}" + (f" +{fit.spilled_blocks} off" if fit.spilled_blocks else "")
+
+
 def table(rows: list[Row]) -> Table:
     grid = Table(title="KV batch×tokens that fit ÷ best contiguous split   (+N off: blocks spilled to cpu/disk; "
                        "—: no split computing them on the last GPU fits, so no ratio)")
@@ -160,11 +187,13 @@ def table(rows: list[Row]) -> Table:
         grid.add_column(f"devicemap {strategy}", justify="right")
     for strategy in TRANSFORMERS_STRATEGIES:
         grid.add_column(f"transformers {strategy}", justify="right")
+    grid.add_column("auto: sequences fit, prefill whole → in chunks", justify="right")
     for row in rows:
         grid.add_row(
             row.model, row.machine, row.workload, "yes" if row.fits_on_gpus else "no",
             *(cell(row.devicemap[s]) for s in STRATEGIES),
             *(cell(row.transformers[s]) for s in TRANSFORMERS_STRATEGIES),
+            f"{fit_cell(row.whole_prefill)} → {fit_cell(row.chunked_prefill)}",
         )  # fmt: skip
     return grid
 

@@ -370,13 +370,12 @@ def _block(unit: _Unit, size: tuple[int, int, tuple[str, ...]], cache: BlockCach
 def _prefills_in_chunks(module: nn.Module, blocks: tuple[Block, ...]) -> bool:
     """Whether transformers' ``generate`` splits this model's prefill into chunks of ``prefill_chunk_size``.
 
-    It does for decoder-only models it ships whose forward takes its ``Cache``. A model with
-    its own code keeps its cache its own way; an encoder-decoder runs its encoder whole; and
-    a recurrent state (Mamba, linear attention) is left out, as a chunk must carry it
-    through the mixer's own kernels, which is not checked here.
+    It does for the decoder-only models it ships whose forward takes its ``Cache``. A model
+    with its own code keeps its cache its own way; an encoder-decoder runs its encoder whole;
+    a recurrent state (Mamba, linear attention) would have to be carried from chunk to chunk
+    by the mixer's own kernels, which devicemap has not checked, so those plan whole prompts.
     """
     supports_cache = getattr(module, "_supports_default_dynamic_cache", None)
-    config = _text_config(module)
     return (
         isinstance(module, PreTrainedModel)
         and module.can_generate()
@@ -384,7 +383,6 @@ def _prefills_in_chunks(module: nn.Module, blocks: tuple[Block, ...]) -> bool:
         and supports_cache()
         and type(module).__module__.startswith("transformers.")
         and not getattr(module.config, "is_encoder_decoder", False)
-        and config is not None
         and not any(block.state_values or block.float32_state_values for block in blocks)
     )
 

@@ -84,11 +84,11 @@ def set_prefill_chunk(module: nn.Module, plan: Plan) -> None:
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from devicemap.workload import Workload
-    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=64, intermediate_size=256, num_hidden_layers=1,
     ...                                      num_attention_heads=2))
-    >>> set_prefill_chunk(model, make_plan(profile_module(model), {"cpu": 2**30}, Workload(1, 4096, prefill_chunk=512)))
+    >>> set_prefill_chunk(model, make_plan(profile_module(model), {"cpu": 2**30}, Workload(1, 4096, prefill_chunk=64)))
     >>> model.generation_config.prefill_chunk_size
-    512
+    64
     """
     if plan.prefill_chunk is not None:
         module.generation_config.prefill_chunk_size = plan.prefill_chunk

@@ -224,7 +224,7 @@ def main(argv: list[str]) -> int:
     workloads = WORKLOADS[:1] if quick else WORKLOADS
     rows = [measure_row(m, d, w) for m in models for d in machines for w in workloads]
     seconds = time_large_plans()
-    console = Console(width=220)
+    console = Console(width=250)
     console.print(table(rows))
     for name, s in seconds.items():
         console.print(f"{name}: config → meta skeleton → profile → plan over 8×80 GiB + cpu + disk in {s:.2f} s")

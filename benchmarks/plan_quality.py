@@ -8,8 +8,9 @@ batch × tokens of KV cache that fit before the first computing device runs out,
 the best contiguous split's (found independently in ``plan_reference``), and how many
 blocks each spills to CPU or disk. Every GPU that computes keeps the runtime reserve
 (``devices.CUDA_RUNTIME_RESERVE_BYTES``) in all three: it is memory any process holds there.
-Also times full plans of the largest models, meta skeleton included. Prints a table and
-writes ``benchmarks/results/plan_quality.json``.
+Beside them, how many sequences of the row's length devicemap "auto" fits with the prefill
+planned whole and in its default chunks. Also times full plans of the largest models, meta
+skeleton included. Prints a table and writes ``benchmarks/results/plan_quality.json``.
 """
 
 import argparse
@@ -17,7 +18,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -73,6 +74,14 @@ class Score:
 
 
 @dataclass(frozen=True)
+class Fit:
+    """Sequences of the row's length that a plan fits on its computing devices, and blocks it spills."""
+
+    sequences: float | None  # None: no plan
+    spilled_blocks: int
+
+
+@dataclass(frozen=True)
 class Row:
     model: str
     machine: str
@@ -81,6 +90,8 @@ class Row:
     best_kv_tokens: float
     devicemap: dict[str, Score]
     transformers: dict[str, Score]
+    whole_prefill: Fit
+    chunked_prefill: Fit
 
 
 def budgets_of(machine: str) -> dict[str, int]:
@@ -110,7 +121,17 @@ def measure_row(model: str, machine: str, workload: Workload) -> Row:
     }
     fits = optimum.resident_units == len(price_units(profile, resolved))
     label = f"{resolved.batch_size}×{resolved.max_tokens}"
-    return Row(model, machine, label, fits, optimum.kv_token_capacity, ours, theirs)
+    whole, chunked = fit_of(profile, budgets, replace(resolved, prefill_chunk=0)), fit_of(profile, budgets, resolved)
+    return Row(model, machine, label, fits, optimum.kv_token_capacity, ours, theirs, whole, chunked)
+
+
+def fit_of(profile: Profile, budgets: dict[str, int], workload: Workload) -> Fit:
+    """What devicemap "auto" fits for the workload."""
+    try:
+        plan = make_plan(profile, budgets, workload, "auto")
+    except DoesNotFitError:
+        return Fit(None, 0)
+    return Fit(plan.sequences_that_fit, len(plan.offloaded()))
 
 
 def score_devicemap(profile, budgets, workload, strategy, optimum: Optimum) -> Score:
@@ -161,6 +182,12 @@ def cell(score: Score) -> str:
     return text
 
 
+def fit_cell(fit: Fit) -> str:
+    if fit.sequences is None:
+        return "no fit"
+    return f"{fit.sequences:.1f}" + (f" +{fit.spilled_blocks} off" if fit.spilled_blocks else "")
+
+
 def table(rows: list[Row]) -> Table:
     grid = Table(title="KV batch×tokens that fit ÷ best contiguous split   (+N off: blocks spilled to cpu/disk; "
                        "—: no split computing them on the last GPU fits, so no ratio)")
@@ -170,11 +197,13 @@ def table(rows: list[Row]) -> Table:
         grid.add_column(f"devicemap {strategy}", justify="right")
     for strategy in TRANSFORMERS_STRATEGIES:
         grid.add_column(f"transformers {strategy}", justify="right")
+    grid.add_column("auto: sequences fit, prefill whole → in chunks", justify="right")
     for row in rows:
         grid.add_row(
             row.model, row.machine, row.workload, "yes" if row.fits_on_gpus else "no",
             *(cell(row.devicemap[s]) for s in STRATEGIES),
             *(cell(row.transformers[s]) for s in TRANSFORMERS_STRATEGIES),
+            f"{fit_cell(row.whole_prefill)} → {fit_cell(row.chunked_prefill)}",
         )  # fmt: skip
     return grid
 
@@ -205,7 +234,7 @@ def main(argv: list[str]) -> int:
     workloads = WORKLOADS[:1] if quick else WORKLOADS
     rows = [measure_row(m, d, w) for m in models for d in machines for w in workloads]
     seconds = time_large_plans()
-    console = Console(width=220)
+    console = Console(width=250)
     console.print(table(rows))
     for name, s in seconds.items():
         console.print(f"{name}: config → meta skeleton → profile → plan over 8×80 GiB + cpu + disk in {s:.2f} s")

@@ -302,3 +302,30 @@ def test_plan_without_a_workload_plans_the_longest_sequence_that_fits_and_says_s
     code = main(["plan", str(demo_model), "--max-memory", "cpu=150MB"])
     assert code == 0
     assert "no workload given: planned for 1 × 2,100 tokens, the most that fit" in capsys.readouterr().out
+
+
+def test_plan_prints_the_prefill_chunk_it_reserved_activations_for(llama_70b_config, capsys):
+    gpus = ",".join(f"{i}=80GiB" for i in range(8))
+    main(["plan", str(llama_70b_config), "--max-memory", gpus, "--batch-size", "4", "--prefill-chunk", "1024"])
+    out = capsys.readouterr().out
+    assert "prefill in chunks of 1,024 tokens" in out
+    assert "generation_config.prefill_chunk_size = 1024" in out
+    main(["plan", str(llama_70b_config), "--max-memory", gpus, "--batch-size", "4", "--prefill-chunk", "0"])
+    assert "prefill whole" in capsys.readouterr().out
+
+
+def test_generate_prefills_in_the_chunk_asked_with_the_text_of_a_whole_prefill(demo_model, capsys):
+    argv = ["generate", str(demo_model), "What is machine learning?", "--chat", "--json", "--max-new-tokens", "8"]
+    assert main([*argv, "--prefill-chunk", "0"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--prefill-chunk", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "prefill in chunks of 8 tokens" in captured.err
+    assert [g["text"] for g in json.loads(captured.out)] == [g["text"] for g in whole]
+
+
+@pytest.mark.parametrize("argv", [["--prefill-chunk", "-1"], ["--prefill-chunk", "8", "--pipeline", "2"]])
+def test_a_prefill_chunk_that_cannot_be_honoured_exits_2_naming_it(argv, capsys):
+    code = main(["generate", "Hello", "--max-new-tokens", "2", *argv])
+    assert code == 2
+    assert "prefill" in capsys.readouterr().err

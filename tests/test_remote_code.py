@@ -12,6 +12,8 @@ from devicemap.cli import main
 from devicemap.errors import CheckpointError, PipelineError
 from devicemap.model.profile import profile_config
 from devicemap.pipeline import Pipeline
+from devicemap.planning.planner import make_plan
+from devicemap.workload import Workload
 from remote_models import write_chatglm2, write_gpt2_style, write_llama_style
 
 PROMPT = torch.tensor([[5, 9, 3, 7, 11]])
@@ -69,6 +71,12 @@ def test_chatglm2_kv_cache_per_layer_is_measured_from_its_multi_query_cache(chat
     assert {block.name: block.kv_values_per_token for block in blocks if block.kv_values_per_token} == {
         f"transformer.encoder.layers.{index}": 2 * 2 * 8 for index in range(4)
     }
+
+
+def test_a_model_with_its_own_code_is_planned_for_whole_prompts_as_generate_cannot_chunk_its_cache(chatglm2):
+    plan = make_plan(profile_config(chatglm2, trust_remote_code=True), {"cpu": 2**30}, Workload(1, 4096))
+    assert plan.prefill_chunk is None
+    assert any("does not prefill in chunks" in reason for reason in plan.reasons)
 
 
 def test_gpt2_style_kv_cache_per_layer_is_measured(gpt2_style):

@@ -137,6 +137,10 @@ def _add_placement_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory", help="budgets, e.g. 0=24GiB,1=24GiB,cpu=64GiB (default: free memory)")
     parser.add_argument("--dtype", help="load dtype: float32, float16 or bfloat16 (default: the checkpoint's)")
     parser.add_argument("--kv-dtype", help="dtype of the KV cache (default: --dtype)")
+    parser.add_argument(
+        "--prefill-chunk", type=int, metavar="N",
+        help="prompt tokens per prefill forward (default: a chunk the plan prints; 0: each prompt at once)",
+    )  # fmt: skip
     parser.add_argument("--offload-folder", help="where converted weights offloaded to disk are written")
     parser.add_argument("--no-offload", action="store_true", help="fail rather than offload to CPU or disk")
 
@@ -166,8 +170,8 @@ def _run_plan(args) -> int:
     from .workload import Workload
 
     # No workload asked for: the plan takes the longest sequence up to the default that fits, and says so.
-    asked = (args.batch_size, args.max_tokens, args.kv_dtype) != (None, None, None)
-    workload = Workload(args.batch_size or 1, args.max_tokens, args.kv_dtype) if asked else None
+    asked = (args.batch_size, args.max_tokens, args.kv_dtype, args.prefill_chunk) != (None, None, None, None)
+    workload = Workload(args.batch_size or 1, args.max_tokens, args.kv_dtype, args.prefill_chunk) if asked else None
     placement = _placement(args)
     if args.pipeline:
         if args.quantize or args.revision:
@@ -330,6 +334,8 @@ def _check_generation_options(args) -> None:
         raise DeviceMapError(
             "--pipeline decodes greedily and prints text; drop --temperature, --repetition-penalty, --stop and --json"
         )
+    if args.pipeline and args.prefill_chunk is not None:
+        raise DeviceMapError("--pipeline prefills each prompt in one forward; drop --prefill-chunk")
 
 
 def _split_model_and_prompts(words: list[str]) -> tuple[Path | str | None, list[str]]:
@@ -425,7 +431,7 @@ def _generate_here(model_path: Path, tokenizer, prompts: list[str], args) -> int
     _check_device_exists(device_map)
     encoded = [tokenize(tokenizer, [prompt], args.chat or args.system is not None, args.system) for prompt in prompts]
     longest = max(inputs["input_ids"].shape[1] for inputs in encoded)
-    workload = Workload(1, longest + args.max_new_tokens, args.kv_dtype)
+    workload = Workload(1, longest + args.max_new_tokens, args.kv_dtype, args.prefill_chunk)
     model = load(
         model_path, device_map=device_map, workload=workload, quantization_config=_quantization(args),
         trust_remote_code=args.trust_remote_code, **_placement(args),

@@ -27,6 +27,13 @@ be allocated:
   model's dtype, and a recurrent state that their code keeps in float32;
 - encoder layers (bidirectional attention) and models that cannot generate cache nothing.
 
+A forward that adds tokens to a cache already holding some (every prefill chunk after the
+first) also reads the cached tokens back, and that allocates per cached token: the cache
+layer's concatenation makes a new copy of its keys and values; grouped-query keys and
+values are repeated to every query head, as SDPA is handed a mask then and so cannot share
+them; a latent cache is expanded to per-head keys and values. ``context_values_per_token``
+counts those values.
+
 Layers are matched to blocks by the ``layer_idx`` their attention or mixer module
 carries, which is the index the model itself uses to address the cache.
 
@@ -62,6 +69,7 @@ class BlockCache:
     kv_window: int | None = None
     state_values: int = 0
     float32_state_values: int = 0
+    context_values_per_token: int = 0
 
 
 NO_CACHE = BlockCache()
@@ -215,11 +223,12 @@ def _indexed_below(module: nn.Module):
 
 
 def _layer_cache(layer_type: str, kwargs: dict, config: PretrainedConfig, modules: list[nn.Module]) -> BlockCache:
-    kv_values = window = 0
+    kv_values = window = context_values = 0
     if layer_type in ATTENTION_LAYER_TYPES:
         attention_modules = [module for module in modules if _conv(module) is None]
         # Cross-attention sits beside self-attention under the same index (T5, BART).
         kv_values = _attention_values_per_token(config) * max(1, len(attention_modules))
+        context_values = _context_values_per_token(config) * max(1, len(attention_modules))
         window = kwargs.get("sliding_window", 0)
     if layer_type == "indexed_attention":
         # Sparse attention (DeepSeek-V3.2) also caches one key per token for its indexer.
@@ -229,7 +238,7 @@ def _layer_cache(layer_type: str, kwargs: dict, config: PretrainedConfig, module
         mixers = [module for module in modules if _conv(module) is not None]
         state = sum(_conv_state_values(mixer) for mixer in mixers)
         float32_state = sum(_recurrent_state_values(mixer) for mixer in mixers)
-    return BlockCache(kv_values, window or None, state, float32_state)
+    return BlockCache(kv_values, window or None, state, float32_state, context_values)
 
 
 def _attention_values_per_token(config: PretrainedConfig) -> int:
@@ -241,6 +250,18 @@ def _attention_values_per_token(config: PretrainedConfig) -> int:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
     return 2 * kv_heads * head_dim
+
+
+def _context_values_per_token(config: PretrainedConfig) -> int:
+    """Values one attention layer allocates per cached token when it adds tokens to a non-empty cache."""
+    cached = _attention_values_per_token(config)
+    heads = config.num_attention_heads
+    if getattr(config, "kv_lora_rank", None):
+        # kv_b_proj's output, then the keys built beside it with the shared rotary part.
+        expanded = heads * (config.qk_nope_head_dim + config.v_head_dim)
+        return cached + expanded + heads * (config.qk_nope_head_dim + config.qk_rope_head_dim)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return cached + (cached * heads // kv_heads if kv_heads < heads else 0)
 
 
 def _conv(mixer: nn.Module) -> nn.Conv1d | None:
@@ -279,4 +300,5 @@ def _combine(layers: list[BlockCache]) -> BlockCache:
         kv_window=max(windows) if windows and None not in windows else None,
         state_values=sum(layer.state_values for layer in layers),
         float32_state_values=sum(layer.float32_state_values for layer in layers),
+        context_values_per_token=sum(layer.context_values_per_token for layer in attention),
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..workload import dtype_bytes, dtype_name
@@ -40,7 +40,9 @@ class Block:
     ``float32_state_values`` is the part of the fixed state that the model's code keeps in
     float32 whatever the dtype (Mamba and gated-delta-rule recurrent states): 4 bytes each.
     ``activation_bytes_per_token`` is the largest transient tensor of a forward pass over
-    the block, per token of the batch, at the load dtype.
+    the block, per token of the batch, at the load dtype. ``context_values_per_token`` is what
+    a forward that adds tokens to a non-empty cache allocates per cached token (a prefill
+    chunk after the first; see ``cache_size``), counted in values like the cache.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Block:
     activation_bytes_per_token: int = 0
     tensor_names: tuple[str, ...] = ()
     float32_state_values: int = 0
+    context_values_per_token: int = 0
 
     def cache_bytes(self, batch_size: int, tokens: int, kv_dtype: torch.dtype | str) -> int:
         """Bytes this block caches for ``batch_size`` sequences of ``tokens`` tokens each.
@@ -70,7 +73,9 @@ class Profile:
 
     ``tied`` holds groups of block names that share a tensor and so must share a device;
     the shared bytes count in the first block of each group. ``head`` names the block
-    that computes the output logits (``None`` for models without one).
+    that computes the output logits (``None`` for models without one). ``chunked_prefill``
+    says whether transformers' ``generate`` prefills the model in chunks when its generation
+    config has a ``prefill_chunk_size``.
     """
 
     name: str
@@ -81,6 +86,7 @@ class Profile:
     vocab_size: int = 0
     max_context: int | None = None
     module_names: tuple[str, ...] = ()
+    chunked_prefill: bool = False
 
 
 def profile_module(
@@ -113,15 +119,17 @@ def profile_module(
     caches = block_caches(module, [unit.whole_module for unit in units])
     activations = _activation_bytes(units, config, head, load_dtype)
     head_block = _head_block(module, head, units)
+    blocks = tuple(map(_block, units, sizes, caches, activations))
     return Profile(
         name=_model_name(module),
         dtype=dtype_name(load_dtype),
-        blocks=tuple(map(_block, units, sizes, caches, activations)),
+        blocks=blocks,
         tied=tied,
         head=head_block,
         vocab_size=_vocab_size(head, config) if head_block is not None else 0,
         max_context=_max_context(config),
         module_names=tuple(name for name, _ in module.named_modules(remove_duplicate=False) if name),
+        chunked_prefill=_prefills_in_chunks(module, blocks),
     )
 
 
@@ -355,6 +363,27 @@ def _block(unit: _Unit, size: tuple[int, int, tuple[str, ...]], cache: BlockCach
         activation_bytes_per_token=activation_bytes,
         tensor_names=tensor_names,
         float32_state_values=cache.float32_state_values,
+        context_values_per_token=cache.context_values_per_token,
+    )
+
+
+def _prefills_in_chunks(module: nn.Module, blocks: tuple[Block, ...]) -> bool:
+    """Whether transformers' ``generate`` splits this model's prefill into chunks of ``prefill_chunk_size``.
+
+    It does for the decoder-only models it ships whose forward takes its ``Cache``. A model
+    with its own code keeps its cache its own way; an encoder-decoder runs its encoder whole;
+    a recurrent state (Mamba, linear attention) would have to be carried from chunk to chunk
+    by the mixer's own kernels, which devicemap has not checked, so those plan whole prompts.
+    """
+    supports_cache = getattr(module, "_supports_default_dynamic_cache", None)
+    return (
+        isinstance(module, PreTrainedModel)
+        and module.can_generate()
+        and callable(supports_cache)
+        and supports_cache()
+        and type(module).__module__.startswith("transformers.")
+        and not getattr(module.config, "is_encoder_decoder", False)
+        and not any(block.state_values or block.float32_state_values for block in blocks)
     )
 
 

@@ -13,6 +13,7 @@ from ..workload import Workload, dtype_bytes
 LOGITS_BYTES_PER_VALUE = 4  # generate keeps the last position's logits in float32
 LOGITS_COPIES = 2  # the logits and the processed scores are alive together
 STREAM_COPIES = 2  # the block computing now and the next one being fetched
+MASK_BYTES_PER_PAIR = 1  # transformers' boolean attention mask, one byte per query × key
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,13 @@ def price_units(profile: Profile, workload: Workload) -> list[Unit]:
     followers = _followers_by_leader(profile)
     following = {name for group in followers.values() for name in group}
     by_name = {block.name: block for block in profile.blocks}
+    chunk = prefill_tokens(profile, workload)
     units = []
     for block in profile.blocks:
         if block.name in following:
             continue
         members = (block, *(by_name[name] for name in followers.get(block.name, ())))
-        units.append(_price(members, profile, workload, kv_value_bytes))
+        units.append(_price(members, profile, workload, kv_value_bytes, chunk))
     return units
 
 
@@ -59,7 +61,55 @@ def _followers_by_leader(profile: Profile) -> dict[str, tuple[str, ...]]:
     return followers
 
 
-def _price(members: tuple[Block, ...], profile: Profile, workload: Workload, kv_value_bytes: int) -> Unit:
+def prefill_tokens(profile: Profile, workload: Workload) -> int:
+    """Tokens of each sequence one prefill forward takes: the workload's chunk, or the whole sequence.
+
+    The chunk, where ``generate`` honours one and it needs less than a whole prefill: a
+    chunk close to the sequence's length can need more, for the later chunks' mask and
+    cache reads, than it saves on activations.
+
+    >>> from devicemap.model.profile import Block, Profile
+    >>> layer = Block("layer", 10, activation_bytes_per_token=10**5, kv_values_per_token=8, context_values_per_token=24)
+    >>> toy = Profile("toy", "float32", (layer,), chunked_prefill=True)
+    >>> prefill_tokens(toy, Workload(1, 8192, "float32", 2048)), prefill_tokens(toy, Workload(1, 1024, "float32", 2048))
+    (2048, 1024)
+    """
+    chunk = workload.prefill_tokens
+    if not profile.chunked_prefill or chunk >= workload.max_tokens:
+        return workload.max_tokens
+
+    def largest(tokens: int) -> int:
+        blocks = profile.blocks
+        return max((prefill_activation_bytes(block, workload, tokens, profile.dtype) for block in blocks), default=0)
+
+    return chunk if largest(chunk) < largest(workload.max_tokens) else workload.max_tokens
+
+
+def prefill_activation_bytes(block: Block, workload: Workload, chunk: int, load_dtype: str) -> int:
+    """Transient bytes of the block's forward over a prefill chunk of ``chunk`` tokens per sequence.
+
+    A chunk shorter than the sequence is followed by others that attend to the cache: each
+    is handed a mask over every cached token, which SDPA turns into a bias at the load
+    dtype, and reads the cache back (``Block.context_values_per_token``). Attention scores
+    are not counted: the kernels SDPA picks with a mask never materialise them.
+
+    >>> block = Block("layer", 0, kv_values_per_token=8, activation_bytes_per_token=100, context_values_per_token=32)
+    >>> prefill_activation_bytes(block, Workload(1, 64, "float32"), 64, "float32")
+    6400
+    >>> prefill_activation_bytes(block, Workload(1, 64, "float32"), 16, "float32")
+    14912
+    """
+    activations = block.activation_bytes_per_token * workload.batch_size * chunk
+    if chunk >= workload.max_tokens or not block.kv_values_per_token:
+        return activations
+    # A sliding layer keeps its window less one token and adds the chunk to it.
+    context = workload.max_tokens if block.kv_window is None else min(workload.max_tokens, block.kv_window - 1 + chunk)
+    mask_bytes = chunk * context * (MASK_BYTES_PER_PAIR + dtype_bytes(load_dtype))
+    cached_bytes = context * block.context_values_per_token * dtype_bytes(workload.kv_dtype)
+    return activations + workload.batch_size * (mask_bytes + cached_bytes)
+
+
+def _price(members: tuple[Block, ...], profile: Profile, workload: Workload, kv_value_bytes: int, chunk: int) -> Unit:
     tokens = workload.max_tokens
     kv_rate = 0.0
     for block in members:
@@ -72,9 +122,7 @@ def _price(members: tuple[Block, ...], profile: Profile, workload: Workload, kv_
         buffer_bytes=sum(block.buffer_bytes for block in members),
         kv_bytes_per_token=kv_rate,
         fixed_kv_bytes=sum(block.cache_bytes(workload.batch_size, 0, workload.kv_dtype) for block in members),
-        activation_bytes=max(block.activation_bytes_per_token for block in members)
-        * workload.batch_size
-        * tokens,
+        activation_bytes=max(prefill_activation_bytes(block, workload, chunk, profile.dtype) for block in members),
         logits_bytes=(
             workload.batch_size * profile.vocab_size * LOGITS_BYTES_PER_VALUE * LOGITS_COPIES if has_head else 0
         ),

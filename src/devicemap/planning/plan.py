@@ -14,7 +14,7 @@ from ..devices import device_order
 from ..model.profile import Block, Profile
 from ..units import format_size
 from ..workload import Workload
-from .ledger import DeviceLoad, assign, price_units
+from .ledger import DeviceLoad, assign, prefill_tokens, price_units
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,12 @@ class Plan:
         return min(row.kv_token_capacity for row in self.ledger if row.device in computing)
 
     @property
+    def prefill_chunk(self) -> int | None:
+        """Prompt tokens per sequence in one prefill forward that the plan reserved for; ``None``: whole prompts."""
+        chunk = prefill_tokens(self.profile, self.workload)
+        return chunk if chunk < self.workload.max_tokens else None
+
+    @property
     def sequences_that_fit(self) -> float:
         """How many sequences of the workload's length fit at once."""
         return self.kv_token_capacity / self.workload.max_tokens
@@ -131,7 +137,7 @@ class Plan:
         """Lines under the table: the workload, how much more fits, and why."""
         workload = self.workload
         capacity = self.kv_token_capacity
-        lines = [_workload_line(workload)]
+        lines = [_workload_line(workload, self.prefill_chunk)]
         if capacity == float("inf"):
             lines.append("no per-token KV cache: the sequence length is bounded by activations only")
         else:
@@ -243,7 +249,7 @@ class StagePlan:
     def __str__(self) -> str:
         # Offloading adds two columns; a wider page keeps each rank on one line.
         width = 150 if any(stage.offloaded for stage in self.stages) else 120
-        lines = [_workload_line(self.workload), *(f"- {reason}" for reason in self.reasons)]
+        lines = [_workload_line(self.workload, None), *(f"- {reason}" for reason in self.reasons)]
         return _render(self.table(), lines, width)
 
 
@@ -266,8 +272,12 @@ def _render(table: Table, lines: Iterable[str], width: int = 120) -> str:
     return console.file.getvalue().rstrip()
 
 
-def _workload_line(workload: Workload) -> str:
-    return f"workload: batch {workload.batch_size} × {workload.max_tokens} tokens, KV cache in {workload.kv_dtype}"
+def _workload_line(workload: Workload, prefill_chunk: int | None) -> str:
+    prefill = f"prefill in chunks of {prefill_chunk:,} tokens" if prefill_chunk else "prefill whole"
+    return (
+        f"workload: batch {workload.batch_size} × {workload.max_tokens} tokens, KV cache in {workload.kv_dtype}, "
+        f"{prefill}"
+    )
 
 
 def describe_blocks(names: list[str]) -> str:

@@ -20,7 +20,7 @@ from ..errors import DeviceMapError, DoesNotFitError
 from ..model.profile import Profile
 from ..units import format_size
 from ..workload import Workload
-from .ledger import STREAM_COPIES, DeviceLoad, Unit, assign, price_units
+from .ledger import STREAM_COPIES, DeviceLoad, Unit, assign, prefill_tokens, price_units
 from .manual import plan_manual
 from .plan import Placement, Plan
 from .search import Open, largest_limit, pack, smallest_limit
@@ -90,6 +90,7 @@ def make_plan(
     else:
         workload = workload.resolve(profile.max_context, profile.dtype)
         strategy, (placements, reasons) = _place(profile, budgets, reserves, workload, device_map, offload)
+    reasons = [*reasons, *_prefill_reasons(profile, workload)]
     plan = Plan(
         profile, workload, tuple(budgets.items()), strategy, tuple(placements), tuple(reasons), tuple(reserves.items())
     )
@@ -128,6 +129,29 @@ def _place_longest(
         f"(the default is {default.max_tokens:,}); pass a Workload to plan for a longer one"
     )
     return workload, strategy, (placements, [shortened, *reasons])
+
+
+def _prefill_reasons(profile: Profile, workload: Workload) -> list[str]:
+    """How the prefill was planned, when it is not one forward over whole prompts as asked."""
+    chunk = prefill_tokens(profile, workload)
+    if chunk < workload.max_tokens:
+        return [
+            f"activations reserved for a prefill in chunks of {chunk:,} tokens per sequence, not all "
+            f"{workload.max_tokens:,} at once, with each later chunk's mask and cache reads; loading sets "
+            f"generation_config.prefill_chunk_size = {chunk} so that generate prefills that way"
+        ]
+    if workload.prefill_tokens >= workload.max_tokens:
+        return []
+    if profile.chunked_prefill:
+        return [
+            f"prefill planned whole: chunks of {workload.prefill_tokens:,} tokens would need more for the later "
+            f"chunks' mask and cache reads than they save on activations at {workload.max_tokens:,} tokens"
+        ]
+    return [
+        f"{profile.name}'s generate does not prefill in chunks (a model with its own code, an "
+        "encoder-decoder or one with a recurrent state): activations reserved for the whole "
+        f"{workload.max_tokens:,}-token prefill"
+    ]
 
 
 def _place(

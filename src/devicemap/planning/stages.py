@@ -7,6 +7,10 @@ one whose slowest stage reads the fewest bytes per decode step wins: an output h
 as costly as several layers, an embedding lookup costs almost nothing. Weights tied
 across stages (an embedding reused as the head) are held by both stages that use them.
 
+A rank prefills each micro-batch's prompts in one forward: transformers' chunked prefill
+lives in its ``generate``, which the pipeline's schedule does not run, so stages reserve
+activations for whole prompts whatever chunk the workload asks for.
+
 Only when no split fits the ranks' budgets may a rank keep the tail of its stage in its
 own CPU memory or disk. The same search then lets a rank's run grow past its budget as
 long as the planner's own rule (``planner.split_offload``) can place it, counting an
@@ -72,7 +76,8 @@ def split_stages(
             "stages; use between 1 stage and as many stages as blocks"
         )
     staged = _copy_tied_weights(profile) if len(rank_budgets) > 1 else profile
-    workload = (workload or Workload()).resolve(staged.max_context, staged.dtype)
+    # Ranks prefill each micro-batch's prompts in one forward (``schedule``), not in chunks.
+    workload = replace((workload or Workload()).resolve(staged.max_context, staged.dtype), prefill_chunk=0)
     units = price_units(staged, workload)
     step_bytes = [_step_bytes(unit, index, workload) for index, unit in enumerate(units)]
     tokens = workload.batch_size * workload.max_tokens

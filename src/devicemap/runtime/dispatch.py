@@ -58,7 +58,9 @@ def dispatch(
     inside ``offload_folder`` (the system temp folder by default) and computed from their
     memory mapping. ``prefetch_depth`` is how many offloaded blocks are fetched ahead;
     ``disk_resident_bytes`` caps the mapped bytes of disk blocks (``None``: no cap, the
-    kernel reclaims their clean pages under pressure). Returns ``module``, hooked.
+    kernel reclaims their clean pages under pressure). A model whose ``generate`` prefills
+    in chunks gets the plan's chunk as its ``generation_config.prefill_chunk_size``.
+    Returns ``module``, hooked.
 
     >>> model = dispatch(nn.Sequential(nn.Linear(2, 4), nn.Linear(4, 2)), {"0": "cpu", "1": "disk"})
     >>> model(torch.ones(1, 2)).shape
@@ -73,7 +75,23 @@ def dispatch(
     blocks = blocks_of(module, plan)
     materialize(blocks, ModuleTensors(), offload_folder=offload_folder, owner=module)
     module.hf_device_map = plan.device_map
+    set_prefill_chunk(module, plan)
     return attach(module, blocks, prefetch_depth=prefetch_depth, disk_resident_bytes=disk_resident_bytes)
+
+
+def set_prefill_chunk(module: nn.Module, plan: Plan) -> None:
+    """Have ``generate`` prefill in the chunks the plan reserved activations for; nothing if it planned whole prompts.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from devicemap.workload import Workload
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=64, intermediate_size=256, num_hidden_layers=1,
+    ...                                      num_attention_heads=2))
+    >>> set_prefill_chunk(model, make_plan(profile_module(model), {"cpu": 2**30}, Workload(1, 4096, prefill_chunk=64)))
+    >>> model.generation_config.prefill_chunk_size
+    64
+    """
+    if plan.prefill_chunk is not None:
+        module.generation_config.prefill_chunk_size = plan.prefill_chunk
 
 
 def held_bytes(module: nn.Module) -> dict[str, int]:

@@ -31,7 +31,7 @@ from ..storage.offload import OffloadFiles
 from ..storage.reference import checkpoint_layout, model_folder
 from ..storage.sources import SourceMap, map_sources
 from ..workload import Workload, dtype_name
-from .dispatch import DEFAULT_PREFETCH_DEPTH, attach, check_prefetch_depth
+from .dispatch import DEFAULT_PREFETCH_DEPTH, attach, check_prefetch_depth, set_prefill_chunk
 from .materialize import CheckpointTensors, PlacedBlock, blocks_of, materialize
 from .quantize import quantize_blocks, refuse_unloadable, shapes_as_read, without_quantized
 
@@ -86,7 +86,9 @@ def load(
     ``devicemap_plan``; ``prefetch_depth`` and ``disk_resident_bytes`` are as for ``dispatch``.
     ``quantization_config`` (transformers' ``BitsAndBytesConfig``) quantizes the weights while
     loading, 4-bit or 8-bit; blocks on disk then hold the packed bytes. A folder saved quantized
-    by bitsandbytes loads as it is stored, without ``quantization_config``.
+    by bitsandbytes loads as it is stored, without ``quantization_config``. ``generate`` prefills
+    in the chunks the plan reserved activations for (``Workload.prefill_chunk``), through
+    ``generation_config.prefill_chunk_size``.
 
     >>> import tempfile
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -124,6 +126,7 @@ def load(
     _warn_past_workload(built, plan.workload)
     if (checkpoint.folder / "generation_config.json").is_file() and built.can_generate():
         built.generation_config = GenerationConfig.from_pretrained(checkpoint.folder)
+    set_prefill_chunk(built, plan)
     return attach(built, blocks, prefetch_depth=prefetch_depth, disk_resident_bytes=disk_resident_bytes)
 
 

@@ -181,6 +181,8 @@ def measurement(plan: Plan, peaks: Peaks, run: str) -> Measurement:
 def track_peaks(model: nn.Module) -> Iterator[Peaks]:
     """Measure, per device ``model.devicemap_plan`` computes on, the peak use beyond the weights inside the block.
 
+    ``model`` must be loaded or dispatched with its plan in ``model.devicemap_plan``.
+
     >>> import devicemap
     >>> model = devicemap.dispatch(nn.Linear(256, 256), "cpu")
     >>> model.devicemap_plan = devicemap.plan(model, "cpu", max_memory={"cpu": "1GiB"})
@@ -190,7 +192,9 @@ def track_peaks(model: nn.Module) -> Iterator[Peaks]:
     True
     """
     plan: Plan = model.devicemap_plan
-    computing = {placement.execution_device for placement in plan.placements}
+    # The CPU holds reserves when it computes, and when it stages disk blocks for GPUs.
+    staging = {row.device for row in plan.ledger if row.device == "cpu" and row.stream_bytes}
+    computing = {placement.execution_device for placement in plan.placements} | staging
     weights = weight_bytes_by_device(model, plan)
     held = held_buffer_bytes(model)
     cuda = sorted(device for device in computing if device.startswith("cuda:"))

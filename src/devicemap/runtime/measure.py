@@ -102,7 +102,7 @@ class Measurement:
         return table
 
     def summary(self) -> list[str]:
-        """Lines under the table: the run, the file-backed pages, and what the ratios mean."""
+        """Lines under the table: the run and the file-backed pages."""
         workload = self.workload
         lines = [f"run: {self.run}, planned for batch {workload.batch_size} × {workload.max_tokens} tokens"]
         if self.file_backed_bytes is not None:
@@ -110,6 +110,11 @@ class Measurement:
                 f"file-backed: {format_size(self.file_backed_bytes)} of mapped weight files resident (not counted "
                 "above: the kernel drops these pages when memory runs short and reads them again)"
             )
+        return lines
+
+    def verdicts(self) -> list[str]:
+        """A line for each device that used more than its reserve, and one naming those that used under 0.7 of it."""
+        lines = []
         for use in self.over_plan():
             lines.append(
                 f"{use.device} used {format_size(use.used_reserve_bytes - use.planned_reserve_bytes)} more than the "

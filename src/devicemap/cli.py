@@ -153,11 +153,8 @@ def _run_plan(args) -> int:
     from .pipeline.api import plan_stages
     from .planning.planner import make_plan
     from .runtime.api import profile_of
-    from .workload import Workload
 
-    # No workload asked for: the plan takes the longest sequence up to the default that fits, and says so.
-    asked = (args.batch_size, args.max_tokens, args.kv_dtype) != (None, None, None)
-    workload = Workload(args.batch_size or 1, args.max_tokens, args.kv_dtype) if asked else None
+    workload = _asked_workload(args)
     placement = _placement(args)
     if args.pipeline:
         if args.quantize or args.revision:
@@ -177,6 +174,14 @@ def _run_plan(args) -> int:
         notes += [f"{', '.join(same)} give this same plan"] if len(same) > 1 else []
         print("\n".join([str(result), *(f"- {note}" for note in notes)]))
     return 0
+
+
+def _asked_workload(args):
+    """The workload the options ask for; None when none is asked for, and the plan takes the longest that fits."""
+    from .workload import Workload
+
+    asked = (args.batch_size, args.max_tokens, args.kv_dtype) != (None, None, None)
+    return Workload(args.batch_size or 1, args.max_tokens, args.kv_dtype) if asked else None
 
 
 def _planning_budgets(max_memory: str | None, offload_folder: str | None) -> tuple[dict[str, int], list[str]]:
@@ -421,14 +426,11 @@ def _run_check(args) -> int:
     from .runtime.load import load
     from .runtime.measure import measure_run
     from .storage.demo import demo_model_path
-    from .workload import Workload
 
     model_path = _model_folder(args.model) if args.model else demo_model_path()
     device_map = _device_map_argument(args.device_map)
     _check_device_exists(device_map)
-    asked = (args.batch_size, args.max_tokens, args.kv_dtype) != (None, None, None)
-    workload = Workload(args.batch_size or 1, args.max_tokens, args.kv_dtype) if asked else None
-    model = load(model_path, device_map=device_map, workload=workload, **_placement(args))
+    model = load(model_path, device_map=device_map, workload=_asked_workload(args), **_placement(args))
     _console().print(str(model.devicemap_plan), soft_wrap=True)
     measured = measure_run(model)
     _print_measurement(measured, measured.verdicts())

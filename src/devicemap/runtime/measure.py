@@ -107,8 +107,8 @@ class Measurement:
         lines = [f"run: {self.run}, planned for batch {workload.batch_size} × {workload.max_tokens} tokens"]
         if self.file_backed_bytes is not None:
             lines.append(
-                f"file-backed: {format_size(self.file_backed_bytes)} of mapped weight files resident (not counted "
-                "above: the kernel drops these pages when memory runs short and reads them again)"
+                f"file-backed: {format_size(self.file_backed_bytes)} of mapped weight files resident; the measured "
+                "peak leaves these pages out: the kernel drops them when memory runs short and reads them again"
             )
         return lines
 

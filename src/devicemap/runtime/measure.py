@@ -24,6 +24,8 @@ back to the system when freed, and what glibc kept is given back first.
 The workload runs twice and the second run is measured: the first leaves behind, for the
 life of the process, what the runtime sets up once (thread pools and their allocator
 arenas, buffers kept for the shapes it met: a few MiB), which is not the workload's.
+Measure in a fresh process, as ``devicemap check`` does: in a long-lived one (a test
+session) what earlier work left in its heaps and threads can add a few MiB to the run.
 """
 
 import ctypes

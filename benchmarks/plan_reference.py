@@ -38,13 +38,13 @@ class _Run:
     def __init__(self, streamed: tuple[Unit, ...]):
         self.fixed_bytes = sum(u.buffer_bytes + u.fixed_kv_bytes for u in streamed)
         self.fixed_bytes += STREAM_COPIES * max((u.weight_bytes for u in streamed), default=0)
-        self.peak_bytes = max((u.activation_bytes + u.logits_bytes for u in streamed), default=0)
+        self.peak_bytes = max((u.transient_bytes for u in streamed), default=0)
         self.kv_bytes_per_token = sum(u.kv_bytes_per_token for u in streamed)
         self.busy = bool(streamed)
 
     def add(self, unit: Unit) -> None:
         self.fixed_bytes += unit.weight_bytes + unit.buffer_bytes + unit.fixed_kv_bytes
-        self.peak_bytes = max(self.peak_bytes, unit.activation_bytes + unit.logits_bytes)
+        self.peak_bytes = max(self.peak_bytes, unit.transient_bytes)
         self.kv_bytes_per_token += unit.kv_bytes_per_token
         self.busy = True
 

@@ -141,7 +141,7 @@ def fixed_bytes(stored, executed, streamed) -> int:
     return (
         total_weight(stored)
         + sum(unit.buffer_bytes + unit.fixed_kv_bytes for unit in executed)
-        + max((unit.activation_bytes + unit.logits_bytes for unit in executed), default=0)
+        + max((unit.transient_bytes for unit in executed), default=0)
         + stream_room(streamed)
     )
 
@@ -184,13 +184,13 @@ def runs_ending_at(units, end: int, streamed, device: str):
     """(start, fixed bytes, KV bytes per token, computes anything) of every run ``units[start:end]`` on ``device``."""
     room = stream_room(streamed) if device != "cpu" else 0
     weights = sum(unit.buffer_bytes + unit.fixed_kv_bytes for unit in streamed) + room
-    peak = max((unit.activation_bytes + unit.logits_bytes for unit in streamed), default=0)
+    peak = max((unit.transient_bytes for unit in streamed), default=0)
     rate = kv_rate(streamed)
     yield end, weights + peak, rate, bool(streamed)
     for start in range(end - 1, -1, -1):
         unit = units[start]
         weights += unit.weight_bytes + unit.buffer_bytes + unit.fixed_kv_bytes
-        peak = max(peak, unit.activation_bytes + unit.logits_bytes)
+        peak = max(peak, unit.transient_bytes)
         rate += unit.kv_bytes_per_token
         yield start, weights + peak, rate, True
 

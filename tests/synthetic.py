@@ -77,7 +77,7 @@ def need_bytes(profile: Profile, workload: Workload) -> int:
     units = price_units(profile, resolved)
     return int(
         sum(u.weight_bytes + u.buffer_bytes + u.fixed_kv_bytes + u.kv_bytes_per_token * tokens for u in units)
-        + max(u.activation_bytes + u.logits_bytes for u in units)
+        + max(u.transient_bytes for u in units)
     )
 
 

@@ -94,7 +94,7 @@ def test_a_module_that_fits_where_it_sits_is_planned_to_stay_there(device):
     model = nn.Sequential(*(nn.Linear(256, 256) for _ in range(4)))
     weights = sum(held_bytes(model).values())
     # What the device reports free once the module is on it: room for half of it, and its work.
-    free_now = {"cpu": 2**24, "disk": 2**30} | {device: weights // 2 + 2**16}
+    free_now = {"cpu": 2**24, "disk": 2**30} | {device: weights // 2 + 2**17}
     held = {device: weights}
     workload = Workload(batch_size=1, max_tokens=16)
     plan = make_plan(profile_module(model), free_now, workload, "auto")

@@ -161,10 +161,11 @@ def test_a_model_without_output_head_has_none():
 # Activations
 
 
-def test_a_dense_layer_peaks_in_its_mlp_with_the_residual_alive():
+def test_a_dense_layer_peaks_in_its_mlp_with_four_hidden_states_alive():
+    # The embeddings' output, the layer's input, the residual sum and the MLP's normalised input.
     layer = blocks_by_name(full_profile("llama-3-8b"))["model.layers.0"]
     gate = up = 14336
-    assert layer.activation_bytes_per_token == (2 * 4096 + (gate + up + 4096) + gate) * 2
+    assert layer.activation_bytes_per_token == (4 * 4096 + (gate + up + 4096) + gate) * 2
 
 
 def test_routed_experts_count_once_for_every_expert_a_token_is_sent_to():
@@ -173,7 +174,7 @@ def test_routed_experts_count_once_for_every_expert_a_token_is_sent_to():
         config.num_experts_per_tok = experts_per_token
         return blocks_by_name(profile_config(config, BF16))["model.layers.0"].activation_bytes_per_token
 
-    one_copy = (2 * 14336 + 14336 + 2 * 14336) * 2  # gate_up, down, and the widest once more
+    one_copy = (4096 + 2 * 14336 + 14336 + 2 * 14336) * 2  # its gathered input, gate_up, down, the widest again
     assert moe_activation(2) - moe_activation(1) == one_copy
 
 

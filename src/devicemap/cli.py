@@ -4,6 +4,7 @@
     devicemap plan ORG/NAME --revision main --quantize 4bit --max-memory 0=24GiB,1=24GiB
     devicemap generate [MODEL] "What is machine learning?" --device-map auto --max-new-tokens 50
     devicemap generate ORG/NAME --revision main "What is machine learning?"
+    devicemap check [MODEL] --max-memory cpu=1GiB --batch-size 2 --max-tokens 1024
     devicemap clean [FOLDER] [--yes]
 """
 
@@ -112,6 +113,18 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--pipeline", type=int, metavar="N", help="run N pipeline stages in N processes")
     generate.set_defaults(run=_run_generate)
 
+    check = commands.add_parser(
+        "check", help="run a plan's workload on random tokens and measure each device against what it reserved"
+    )
+    check.add_argument("model", nargs="?", help="a model folder or Hub id ORG/NAME (default: the demo model)")
+    check.add_argument("--revision", help="branch, tag or commit of a Hub id (default: main)")
+    _add_trust_option(check)
+    check.add_argument("--device-map", default="auto", help=_STRATEGY_HELP)
+    _add_placement_options(check)
+    check.add_argument("--batch-size", type=int, help="sequences at once (default 1)")
+    check.add_argument("--max-tokens", type=int, help="prompt and decoded tokens per sequence (default: the plan's)")
+    check.set_defaults(run=_run_check)
+
     clean = commands.add_parser("clean", help="remove offload folders left behind by processes that were killed")
     clean.add_argument("folder", nargs="?", help="the offload folder (default: the system temp folder)")
     clean.add_argument("--yes", action="store_true", help="remove them (default: only list them)")
@@ -167,11 +180,8 @@ def _run_plan(args) -> int:
     from .pipeline.api import plan_stages
     from .planning.planner import make_plan
     from .runtime.api import profile_of
-    from .workload import Workload
 
-    # No workload asked for: the plan takes the longest sequence up to the default that fits, and says so.
-    asked = (args.batch_size, args.max_tokens, args.kv_dtype, args.prefill_chunk) != (None, None, None, None)
-    workload = Workload(args.batch_size or 1, args.max_tokens, args.kv_dtype, args.prefill_chunk) if asked else None
+    workload = _asked_workload(args)
     placement = _placement(args)
     if args.pipeline:
         if args.quantize or args.revision:
@@ -200,6 +210,14 @@ def _run_plan(args) -> int:
         notes += [f"{', '.join(same)} give this same plan"] if len(same) > 1 else []
         print("\n".join([str(result), *(f"- {note}" for note in notes)]))
     return 0
+
+
+def _asked_workload(args):
+    """The workload the options ask for; None when none is asked for, and the plan takes the longest that fits."""
+    from .workload import Workload
+
+    asked = (args.batch_size, args.max_tokens, args.kv_dtype, args.prefill_chunk) != (None, None, None, None)
+    return Workload(args.batch_size or 1, args.max_tokens, args.kv_dtype, args.prefill_chunk) if asked else None
 
 
 def _planning_budgets(max_memory: str | None, offload_folder: str | None) -> tuple[dict[str, int], list[str]]:
@@ -348,17 +366,21 @@ def _split_model_and_prompts(words: list[str]) -> tuple[Path | str | None, list[
 
     if not words or not _looks_like_path(words[0]):
         return None, words
-    folder = Path(words[0]).expanduser()
-    if not folder.exists() and is_hub_id(words[0]):
+    if not Path(words[0]).expanduser().exists() and is_hub_id(words[0]):
         return words[0], words[1:]
+    return _existing_folder(words[0]), words[1:]
+
+
+def _existing_folder(word: str) -> Path:
+    folder = Path(word).expanduser()
     if not folder.exists():
         raise DeviceMapError(
-            f"model folder {words[0]} does not exist; name a folder holding config.json, or leave the model "
+            f"model folder {word} does not exist; name a folder holding config.json, or leave the model "
             "out to use the demo model"
         )
     if not (folder / "config.json").is_file():
-        raise DeviceMapError(f"{words[0]} is not a model folder: it has no config.json")
-    return folder, words[1:]
+        raise DeviceMapError(f"{word} is not a model folder: it has no config.json")
+    return folder
 
 
 def _model_folder(model: Path | str | None, args) -> Path:
@@ -420,13 +442,11 @@ def _check_device_exists(device_map) -> None:
 
 
 def _generate_here(model_path: Path, tokenizer, prompts: list[str], args) -> int:
-    import psutil
-
     from .runtime.load import load
+    from .runtime.measure import measurement, track_peaks
     from .runtime.prompts import tokenize
     from .workload import Workload
 
-    resident_before_bytes = psutil.Process().memory_info().rss
     device_map = _device_map_argument(args.device_map)
     _check_device_exists(device_map)
     encoded = [tokenize(tokenizer, [prompt], args.chat or args.system is not None, args.system) for prompt in prompts]
@@ -439,16 +459,41 @@ def _generate_here(model_path: Path, tokenizer, prompts: list[str], args) -> int
     console = _console()
     console.print(str(model.devicemap_plan), soft_wrap=True)
     generations = []
-    for number, (prompt, inputs) in enumerate(zip(prompts, encoded)):
-        if number and not args.json:
-            print(_SEPARATOR, flush=True)
-        generations.append(_generate_one(model, tokenizer, prompt, inputs, args))
-        if not args.json:
-            _print_speed(generations[-1].new_tokens, generations[-1].seconds)
+    with track_peaks(model) as peaks:
+        for number, (prompt, inputs) in enumerate(zip(prompts, encoded)):
+            if number and not args.json:
+                print(_SEPARATOR, flush=True)
+            generations.append(_generate_one(model, tokenizer, prompt, inputs, args))
+            if not args.json:
+                _print_speed(generations[-1].new_tokens, generations[-1].seconds)
     if args.json:
         print(json.dumps([asdict(generation) for generation in generations], indent=1))
-    console.print(memory_report(model.devicemap_plan, resident_before_bytes), soft_wrap=True)
+    run = f"{len(prompts)} prompt(s) of up to {longest} tokens + up to {args.max_new_tokens} new"
+    note = "a process's first run includes what the runtime sets up once (a few MiB); devicemap check leaves it out"
+    _print_measurement(measurement(model.devicemap_plan, peaks, run), [note])
     return 0
+
+
+def _run_check(args) -> int:
+    """Exit 1 when a device used more than the plan reserved: a plan below its run can run out of memory."""
+    from .runtime.load import load
+    from .runtime.measure import measure_run
+
+    model_path = _model_folder(args.model, args)
+    device_map = _device_map_argument(args.device_map)
+    _check_device_exists(device_map)
+    model = load(model_path, device_map=device_map, workload=_asked_workload(args), **_placement(args))
+    _console().print(str(model.devicemap_plan), soft_wrap=True)
+    measured = measure_run(model)
+    _print_measurement(measured, measured.verdicts())
+    return 1 if measured.over_plan() else 0
+
+
+def _print_measurement(measured, verdicts: list[str]) -> None:
+    console = _console()
+    console.print(measured.table())
+    for line in [*measured.summary(), *verdicts]:
+        console.print(line, soft_wrap=True)
 
 
 def _generate_one(model, tokenizer, prompt: str, inputs: dict, args) -> Generation:
@@ -560,34 +605,6 @@ def _run_clean(args) -> int:
     else:
         print(f"no offload folders left by processes that are gone in {parent}")
     return 0
-
-
-def memory_report(plan, resident_before_bytes: int) -> str:
-    """Per device, the memory the plan predicted beside what this process used.
-
-    CUDA: peak allocated bytes; CPU: resident memory of the process, beside what it held
-    before loading (the Python runtime, torch, the tokenizer); it also counts the pages of
-    memory-mapped weights the run touched, which the kernel may reclaim.
-    """
-    import psutil
-    import torch
-
-    from .units import format_size
-
-    lines = ["memory: device, planned, used"]
-    for row in plan.ledger:
-        if row.device.startswith("cuda:"):
-            used = format_size(torch.cuda.max_memory_allocated(int(row.device[5:])))
-        elif row.device == "cpu":
-            memory = psutil.Process().memory_info()
-            used = (
-                f"{format_size(memory.rss)} resident: {format_size(resident_before_bytes)} before loading, "
-                f"{format_size(memory.shared)} file-backed (libraries and mapped weights, which the kernel may drop)"
-            )
-        else:
-            continue
-        lines.append(f"  {row.device}: planned {format_size(row.used_bytes)}, used {used}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

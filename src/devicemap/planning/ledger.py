@@ -27,10 +27,17 @@ class Unit:
     fixed_kv_bytes: int
     activation_bytes: int
     logits_bytes: int
+    prompt_kv_bytes: int = 0
+    mask_bytes: int = 0
 
     @property
     def name(self) -> str:
         return self.blocks[0].name
+
+    @property
+    def transient_bytes(self) -> int:
+        """What computing the unit allocates and frees again: activations, logits, a window's prompt and mask."""
+        return self.activation_bytes + self.logits_bytes + self.prompt_kv_bytes + self.mask_bytes
 
 
 def price_units(profile: Profile, workload: Workload) -> list[Unit]:
@@ -111,10 +118,12 @@ def prefill_activation_bytes(block: Block, workload: Workload, chunk: int, load_
 
 def _price(members: tuple[Block, ...], profile: Profile, workload: Workload, kv_value_bytes: int, chunk: int) -> Unit:
     tokens = workload.max_tokens
-    kv_rate = 0.0
+    kv_rate = prompt_kv_rate = 0.0
+    windowed = any(block.kv_window is not None for block in members)
     for block in members:
         cached_share = 1.0 if block.kv_window is None else min(1.0, block.kv_window / tokens)
         kv_rate += block.kv_values_per_token * kv_value_bytes * cached_share
+        prompt_kv_rate += block.kv_values_per_token * kv_value_bytes * (1.0 - cached_share)
     has_head = any(block.name == profile.head for block in members)
     return Unit(
         blocks=members,
@@ -126,6 +135,12 @@ def _price(members: tuple[Block, ...], profile: Profile, workload: Workload, kv_
         logits_bytes=(
             workload.batch_size * profile.vocab_size * LOGITS_BYTES_PER_VALUE * LOGITS_COPIES if has_head else 0
         ),
+        # A sliding-window layer holds the whole prompt's keys and values while its block runs;
+        # only the window stays after it (runtime.sliding).
+        prompt_kv_bytes=round(prompt_kv_rate * workload.batch_size * tokens),
+        # SDPA cannot express a window as ``is_causal``, so transformers builds a boolean mask: a
+        # byte per query and key position, one per sequence when prompts are padded to one length.
+        mask_bytes=workload.batch_size * tokens * tokens if windowed else 0,
     )
 
 
@@ -161,7 +176,7 @@ class DeviceLoad:
         self.buffer_bytes += unit.buffer_bytes
         self.kv_bytes_per_token += unit.kv_bytes_per_token
         self.fixed_kv_bytes += unit.fixed_kv_bytes
-        self.activation_bytes = max(self.activation_bytes, unit.activation_bytes + unit.logits_bytes)
+        self.activation_bytes = max(self.activation_bytes, unit.transient_bytes)
 
     def place(self, *units: Unit) -> None:
         """Keep the units' weights here and compute them here."""

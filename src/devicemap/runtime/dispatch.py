@@ -179,6 +179,18 @@ def attach(
     return module
 
 
+def staging_bytes(module: nn.Module) -> int:
+    """Bytes of pinned host memory the GPUs streaming ``module``'s disk blocks stage them through.
+
+    >>> staging_bytes(dispatch(nn.Linear(2, 2), {"": "cpu"}))
+    0
+    """
+    state: _Dispatched | None = module.__dict__.get("_devicemap_dispatch")
+    fetchers = state.fetchers.values() if state is not None else ()
+    streamers = {id(fetcher): fetcher for fetcher in fetchers if isinstance(fetcher, AcceleratorStreamer)}
+    return sum(streamer.staging_bytes for streamer in streamers.values())
+
+
 def check_prefetch_depth(prefetch_depth: int) -> None:
     """Raise a DeviceMapError unless ``prefetch_depth`` is a whole number of blocks, at least 1."""
     if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:

@@ -160,6 +160,7 @@ class AcceleratorStreamer:
             self._routes = {
                 block.name: self._route(block, slots[index % len(slots)]) for index, block in enumerate(blocks)
             }
+        self.staging_bytes = sum(slot.staging.nbytes for slot in slots if slot.staging is not None)
         weakref.finalize(self, _finish_copies, self._copy_stream, slots, self._keep)
 
     def prepare(self, name: str) -> None:

@@ -102,4 +102,4 @@ def test_check_prints_planned_and_measured_per_device_and_exits_0_within_the_pla
 
 def test_check_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
     assert main(["check", str(tmp_path)]) == 2
-    assert "it has no config.json" in capsys.readouterr().err
+    assert "has no config.json" in capsys.readouterr().err

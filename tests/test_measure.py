@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from devicemap.cli import main
 from devicemap.model.profile import Block, Profile
-from devicemap.planning.ledger import price_units
+from devicemap.planning.ledger import MASK_COPIES, price_units
 from devicemap.storage.shards import write_sharded
 from devicemap.workload import Workload
 
@@ -85,9 +85,19 @@ def test_a_sliding_window_block_reserves_its_whole_prompt_and_mask_while_it_runs
     (windowed,) = price_units(Profile("toy", "float32", (window,)), workload)
     (unwindowed,) = price_units(Profile("toy", "float32", (full,)), workload)
     assert windowed.prompt_kv_bytes == 8 * 4 * 2 * (16 - 4)  # values × bytes × batch × tokens past the window
-    assert windowed.mask_bytes == 2 * 16 * 16  # a byte per query and key, per sequence
+    assert windowed.mask_bytes == MASK_COPIES * 2 * 16 * 16  # a byte per query and key, per sequence
     assert (unwindowed.prompt_kv_bytes, unwindowed.mask_bytes) == (0, 0)
     assert windowed.transient_bytes == 10 * 2 * 16 + windowed.prompt_kv_bytes + windowed.mask_bytes
+
+
+def test_a_sliding_window_block_prefilled_in_chunks_holds_one_chunk_past_its_window_and_no_whole_prompt_mask():
+    window = Block("layer", 0, kv_values_per_token=8, kv_window=4, activation_bytes_per_token=10)
+    profile = Profile("toy", "float32", (window,), chunked_prefill=True)
+    (chunked,) = price_units(profile, Workload(batch_size=2, max_tokens=64, kv_dtype="float32", prefill_chunk=8))
+    (whole,) = price_units(profile, Workload(batch_size=2, max_tokens=64, kv_dtype="float32", prefill_chunk=0))
+    assert chunked.prompt_kv_bytes == 8 * 4 * 2 * 8  # values × bytes × batch × one chunk
+    assert whole.prompt_kv_bytes == 8 * 4 * 2 * (64 - 4)
+    assert (chunked.mask_bytes, whole.mask_bytes) == (0, MASK_COPIES * 2 * 64 * 64)
 
 
 def test_check_prints_planned_and_measured_per_device_and_exits_0_within_the_plan(tmp_path):

@@ -14,6 +14,9 @@ LOGITS_BYTES_PER_VALUE = 4  # generate keeps the last position's logits in float
 LOGITS_COPIES = 2  # the logits and the processed scores are alive together
 STREAM_COPIES = 2  # the block computing now and the next one being fetched
 MASK_BYTES_PER_PAIR = 1  # transformers' boolean attention mask, one byte per query × key
+# A whole prompt's sliding-window mask is built as causal & window (& padding), one full-size
+# boolean tensor per step: the result so far, the next term and their "and" are alive together.
+MASK_COPIES = 3
 
 
 @dataclass(frozen=True)
@@ -118,12 +121,15 @@ def prefill_activation_bytes(block: Block, workload: Workload, chunk: int, load_
 
 def _price(members: tuple[Block, ...], profile: Profile, workload: Workload, kv_value_bytes: int, chunk: int) -> Unit:
     tokens = workload.max_tokens
-    kv_rate = prompt_kv_rate = 0.0
+    kv_rate = 0.0
+    prompt_kv_bytes = 0
     windowed = any(block.kv_window is not None for block in members)
     for block in members:
         cached_share = 1.0 if block.kv_window is None else min(1.0, block.kv_window / tokens)
         kv_rate += block.kv_values_per_token * kv_value_bytes * cached_share
-        prompt_kv_rate += block.kv_values_per_token * kv_value_bytes * (1.0 - cached_share)
+        if block.kv_window is not None:
+            past_window = max(0, min(chunk, tokens - block.kv_window))
+            prompt_kv_bytes += block.kv_values_per_token * kv_value_bytes * workload.batch_size * past_window
     has_head = any(block.name == profile.head for block in members)
     return Unit(
         blocks=members,
@@ -135,12 +141,16 @@ def _price(members: tuple[Block, ...], profile: Profile, workload: Workload, kv_
         logits_bytes=(
             workload.batch_size * profile.vocab_size * LOGITS_BYTES_PER_VALUE * LOGITS_COPIES if has_head else 0
         ),
-        # A sliding-window layer holds the whole prompt's keys and values while its block runs;
-        # only the window stays after it (runtime.sliding).
-        prompt_kv_bytes=round(prompt_kv_rate * workload.batch_size * tokens),
-        # SDPA cannot express a window as ``is_causal``, so transformers builds a boolean mask: a
-        # byte per query and key position, one per sequence when prompts are padded to one length.
-        mask_bytes=workload.batch_size * tokens * tokens if windowed else 0,
+        # A sliding-window layer holds what one prefill forward adds past its window while its
+        # block runs: the whole prompt's keys and values, or a chunk's; only the window stays
+        # after it (runtime.sliding).
+        prompt_kv_bytes=prompt_kv_bytes,
+        # SDPA cannot express a window as ``is_causal``, so transformers builds a boolean mask
+        # over the whole prompt: a byte per query and key position, per sequence, MASK_COPIES
+        # times while it is built (one copy was measured short: a 2 x 4096-token Mistral
+        # prefill held 1.2x such a plan). A chunked prefill's masks are counted with its
+        # activations.
+        mask_bytes=MASK_COPIES * workload.batch_size * tokens * tokens if windowed and chunk >= tokens else 0,
     )
 
 

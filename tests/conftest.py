@@ -56,3 +56,12 @@ def _writable(folder: Path) -> bool:
     while not existing.exists():
         existing = existing.parent
     return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+
+
+@pytest.fixture
+def offload(tmp_path) -> Path:
+    """An offload folder that already holds a file of someone else's."""
+    folder = tmp_path / "offload"
+    folder.mkdir()
+    (folder / "theirs.txt").write_text("kept")
+    return folder

@@ -23,9 +23,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import unquote, urlsplit
 
 import huggingface_hub.constants
+import huggingface_hub.utils._http
 import pytest
 
 
@@ -229,6 +231,17 @@ def set_offline(monkeypatch: pytest.MonkeyPatch, offline: bool) -> None:
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def point_at_a_closed_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point HF_ENDPOINT at a loopback port nobody listens on, online, without huggingface_hub's retry waits."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")
+    set_offline(monkeypatch, offline=False)
+    # huggingface_hub retries a refused connection five times over 24 s; the test keeps the retries, not the waits.
+    monkeypatch.setattr(huggingface_hub.utils._http, "time", SimpleNamespace(sleep=lambda seconds: None))
 
 
 def _refuse_connections_off_loopback(monkeypatch: pytest.MonkeyPatch) -> list:

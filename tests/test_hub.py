@@ -6,16 +6,15 @@ own (HF_HOME); the fixture fails a test that tries to connect anywhere else.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
-import huggingface_hub.utils._http
 import pytest
 from header_checkpoints import awq_tensors, dense_tensors, header_file, index_file, shard
-from hub_server import HubFile, HubServer, hub, hub_environment, set_offline  # noqa: F401  (hub is a fixture)
+from hub_server import (  # noqa: F401  (hub is a fixture)
+    HubFile, HubServer, hub, hub_environment, point_at_a_closed_port, set_offline,
+)  # fmt: skip
 from models import save_random_model
 from transformers import LlamaConfig
 
@@ -90,13 +89,7 @@ def test_a_missing_model_is_named_and_leaves_nothing_in_the_cache(hub: HubServer
 
 
 def test_a_hub_that_cannot_be_reached_says_so(hub: HubServer, monkeypatch):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")
-    set_offline(monkeypatch, offline=False)
-    # huggingface_hub retries a refused connection five times over 24 s; the test keeps the retries, not the waits.
-    monkeypatch.setattr(huggingface_hub.utils._http, "time", SimpleNamespace(sleep=lambda seconds: None))
+    point_at_a_closed_port(monkeypatch)
     with pytest.raises(DeviceMapError, match="cannot reach the Hub at http://127.0.0.1"):
         devicemap.plan("org/llama", "cpu", max_memory=CPU)
 

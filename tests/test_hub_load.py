@@ -6,14 +6,11 @@ own (HF_HOME); the fixture fails a test that tries to connect anywhere else.
 
 import json
 import shutil
-import socket
 from pathlib import Path
-from types import SimpleNamespace
 
-import huggingface_hub.utils._http
 import pytest
 import torch
-from hub_server import HubServer, hub, set_offline  # noqa: F401  (hub is a fixture)
+from hub_server import HubServer, hub, point_at_a_closed_port, set_offline  # noqa: F401  (hub is a fixture)
 from models import save_random_model
 from remote_models import write_gpt2_style
 from safetensors.torch import load_file, save_file
@@ -47,15 +44,6 @@ def llama_folder(tmp_path_factory) -> Path:
     folder = save_random_model("llama", tmp_path_factory.mktemp("hub-load") / "llama", shards=2)
     (folder / "pytorch_model.bin").write_bytes(b"not to be fetched")
     (folder / "helper.py").write_text("raise SystemExit('not to be fetched')\n")
-    return folder
-
-
-@pytest.fixture
-def offload(tmp_path) -> Path:
-    """An offload folder that already holds a file of someone else's."""
-    folder = tmp_path / "offload"
-    folder.mkdir()
-    (folder / "theirs.txt").write_text("kept")
     return folder
 
 
@@ -113,13 +101,7 @@ def _gated(hub, monkeypatch) -> str:
 
 
 def _unreachable(hub, monkeypatch) -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")
-    set_offline(monkeypatch, offline=False)
-    # huggingface_hub retries a refused connection five times over 24 s; the test keeps the retries, not the waits.
-    monkeypatch.setattr(huggingface_hub.utils._http, "time", SimpleNamespace(sleep=lambda seconds: None))
+    point_at_a_closed_port(monkeypatch)
     return "org/llama"
 
 

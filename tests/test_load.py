@@ -30,15 +30,6 @@ def llama(random_model_folder, tmp_path) -> Path:
     return Path(shutil.copytree(random_model_folder("llama"), tmp_path / "llama"))
 
 
-@pytest.fixture
-def offload(tmp_path) -> Path:
-    """An offload folder that already holds a file of someone else's."""
-    folder = tmp_path / "offload"
-    folder.mkdir()
-    (folder / "theirs.txt").write_text("kept")
-    return folder
-
-
 def mappings_of(folder: Path) -> int:
     """How many memory mappings of files under ``folder`` this process holds."""
     with open("/proc/self/maps") as maps:

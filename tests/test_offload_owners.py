@@ -30,15 +30,6 @@ time.sleep(600)
 """
 
 
-@pytest.fixture
-def offload(tmp_path) -> Path:
-    """An offload folder that already holds a file of someone else's."""
-    folder = tmp_path / "offload"
-    folder.mkdir()
-    (folder / "theirs.txt").write_text("kept")
-    return folder
-
-
 def start_holder(checkpoint: Path, offload: Path) -> tuple[subprocess.Popen, Path]:
     """A process holding a model loaded with converted disk blocks, and its offload folder."""
     holder = subprocess.Popen(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_load import assert_nothing_left, offload  # noqa: F401 (offload is a fixture)
+from test_load import assert_nothing_left
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import devicemap

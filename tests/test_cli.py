@@ -59,6 +59,12 @@ def test_plan_that_cannot_fit_without_offload_exits_2_with_the_numbers(llama_70b
     assert "offload=False" in err and "GiB" in err
 
 
+@pytest.mark.parametrize("command", ["plan", "check"])
+def test_a_batch_size_of_0_exits_2_naming_it(llama_70b_config, command, capsys):
+    assert main([command, str(llama_70b_config), "--batch-size", "0"]) == 2
+    assert "batch_size 0 must be an int of at least 1" in capsys.readouterr().err
+
+
 def test_a_malformed_budget_exits_2_quoting_it(llama_70b_config, capsys):
     code = main(["plan", str(llama_70b_config), "--max-memory", "0=lots"])
     assert code == 2

@@ -217,7 +217,7 @@ def _asked_workload(args):
     from .workload import Workload
 
     asked = (args.batch_size, args.max_tokens, args.kv_dtype, args.prefill_chunk) != (None, None, None, None)
-    return Workload(args.batch_size or 1, args.max_tokens, args.kv_dtype, args.prefill_chunk) if asked else None
+    return Workload(1 if args.batch_size is None else args.batch_size, args.max_tokens, args.kv_dtype, args.prefill_chunk) if asked else None
 
 
 def _planning_budgets(max_memory: str | None, offload_folder: str | None) -> tuple[dict[str, int], list[str]]:

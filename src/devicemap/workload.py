@@ -70,7 +70,7 @@ class Workload:
             isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0
         ):
             raise DeviceMapError(
-                f"Workload prefill_chunk {self.prefill_chunk!r} must be an int: prompt tokens per prefill "
+                f"Workload prefill_chunk {self.prefill_chunk!r} must be an int of at least 0: prompt tokens per prefill "
                 f"forward, e.g. {DEFAULT_PREFILL_CHUNK}, or 0 to prefill the whole prompt at once"
             )
 

@@ -78,8 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan_command.add_argument("--strategy", default="auto", help=_STRATEGY_HELP)
     _add_placement_options(plan_command)
-    plan_command.add_argument("--batch-size", type=int, help="sequences at once (default 1)")
-    plan_command.add_argument("--max-tokens", type=int, help="tokens per sequence (default: context or 4096)")
+    _add_workload_options(plan_command)
     plan_command.add_argument("--json", action="store_true", help="print the plan as JSON, with its device_map")
     plan_command.add_argument(
         "--map", action="store_true", help="print only the device_map that from_pretrained(device_map=...) takes"
@@ -121,8 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_trust_option(check)
     check.add_argument("--device-map", default="auto", help=_STRATEGY_HELP)
     _add_placement_options(check)
-    check.add_argument("--batch-size", type=int, help="sequences at once (default 1)")
-    check.add_argument("--max-tokens", type=int, help="prompt and decoded tokens per sequence (default: the plan's)")
+    _add_workload_options(check)
     check.set_defaults(run=_run_check)
 
     clean = commands.add_parser("clean", help="remove offload folders left behind by processes that were killed")
@@ -143,6 +141,14 @@ def _add_trust_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-remote-code", action="store_true",
         help="run the modeling code the model ships (its config.json's auto_map); only for a model you trust",
+    )  # fmt: skip
+
+
+def _add_workload_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, help="sequences at once (default 1)")
+    parser.add_argument(
+        "--max-tokens", type=int,
+        help="prompt and generated tokens per sequence (default: the longest up to 4096 that fits)",
     )  # fmt: skip
 
 
@@ -217,7 +223,8 @@ def _asked_workload(args):
     from .workload import Workload
 
     asked = (args.batch_size, args.max_tokens, args.kv_dtype, args.prefill_chunk) != (None, None, None, None)
-    return Workload(1 if args.batch_size is None else args.batch_size, args.max_tokens, args.kv_dtype, args.prefill_chunk) if asked else None
+    batch_size = 1 if args.batch_size is None else args.batch_size
+    return Workload(batch_size, args.max_tokens, args.kv_dtype, args.prefill_chunk) if asked else None
 
 
 def _planning_budgets(max_memory: str | None, offload_folder: str | None) -> tuple[dict[str, int], list[str]]:
